@@ -1,0 +1,54 @@
+"""The optimizer and the learning-rate schedule, shared by pre-training and fine-tuning.
+
+AdamW with weight decay on matrices only (embeddings and linear weights); biases and norm gains
+are not decayed, as in GPT-2/nanoGPT. The schedule is a linear warmup then a cosine decay to
+`min_lr`:
+
+    lr(step) = lr · (step+1)/warmup                                   step < warmup
+             = min_lr + ½ (lr − min_lr) (1 + cos(π · progress))       after, progress ∈ [0, 1]
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+
+
+def build_optimizer(
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    device_type: str = "cpu",
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: 2-D+ tensors decay, 1-D tensors (bias, norms) don't."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    extra = {}
+    # fused AdamW is one kernel per step instead of one per parameter; CUDA (and recent CPU builds) have it
+    if "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type == "cuda":
+        extra["fused"] = True
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **extra)
+
+
+def lr_at(step: int, max_steps: int, lr: float, min_lr: float | None = None, warmup_steps: int = 0) -> float:
+    """The learning rate for optimizer step `step` (0-based): linear warmup, then cosine to `min_lr`."""
+    min_lr = lr / 10 if min_lr is None else min_lr
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    decay_steps = max(1, max_steps - warmup_steps)
+    progress = min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,61 @@
+import pytest
+
+from gptcore.config import Config, load_config, parse_override
+from gptcore.errors import ConfigError
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["train.lr=3e-4", "model.qk_norm=true", "data.max_bytes=1000", "model.block_size=64"])
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.model.qk_norm is True
+    assert cfg.data.max_bytes == 1000
+    assert cfg.model.overrides() == {"block_size": 64, "qk_norm": True}
+
+
+def test_unknown_key_names_key_and_allowed(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  max_step: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "train.max_step" in msg and "max_steps" in msg and str(p) in msg
+
+
+def test_unknown_section_and_bad_values(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config section 'trian'"):
+        load_config(None, ["trian.lr=1"])
+    with pytest.raises(ConfigError, match="tokenizer.backend"):
+        load_config(None, ["tokenizer.backend=wordpiece"])
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config(None, ["train.batch_size=0"])
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load_config(None, ["train.max_steps=many"])
+    with pytest.raises(ConfigError, match="data.source"):
+        load_config(None, ["data.source=ftp://x"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="YAML"):
+        load_config(bad)
+
+
+def test_override_parsing():
+    assert parse_override("a.b=1") == (["a", "b"], 1)
+    assert parse_override("a.b=hello") == (["a", "b"], "hello")
+    with pytest.raises(ConfigError):
+        parse_override("ab")
+
+
+def test_section_hash_excludes():
+    a, b = Config(), load_config(None, ["train.max_steps=7"])
+    assert a.section_hash("train") != b.section_hash("train")
+    assert a.section_hash("train", exclude=("train.max_steps",)) == b.section_hash("train", exclude=("train.max_steps",))
+    assert a.section_hash("tokenizer") == b.section_hash("tokenizer")
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    for p in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        load_config(p)
