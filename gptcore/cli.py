@@ -20,8 +20,13 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
+
+try:  # typer >= 0.29 vendors its own click; Abort and Exit live in typer.exceptions
+    from typer._click.exceptions import ClickException
+    from typer.exceptions import Abort, Exit
+except ImportError:  # pragma: no cover - older typer on top of click
+    from click.exceptions import Abort, ClickException, Exit
 
 from gptcore.errors import GptcoreError
 
@@ -57,7 +62,7 @@ class _App(typer.Typer):
                 traceback.print_exc()
             print(f"error: {exc.message()}", file=sys.stderr)
             sys.exit(2)
-        except click.exceptions.Abort:
+        except Abort:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
         except KeyboardInterrupt:
@@ -66,10 +71,10 @@ class _App(typer.Typer):
         except Terminated:
             print("terminated", file=sys.stderr)
             sys.exit(143)
-        except click.exceptions.ClickException as exc:
+        except ClickException as exc:
             exc.show()
             sys.exit(exc.exit_code)
-        except click.exceptions.Exit as exc:
+        except Exit as exc:
             sys.exit(exc.exit_code)
         except (BrokenPipeError,):
             sys.exit(1)
