@@ -1,0 +1,247 @@
+"""GPT-2 weights in and out: Hugging Face `GPT2LMHeadModel` folders <-> our `GPT`.
+
+    model = load_hf_gpt2("path/to/gpt2")     # a save_pretrained folder, or "gpt2" when online
+    save_hf_gpt2(model, "out/hf", tokenizer)  # GPT2LMHeadModel.from_pretrained("out/hf") loads it
+
+Our module names are OpenAI's (nanoGPT kept them), so conversion is a rename of the prefix plus one
+transpose: OpenAI's GPT-2 code (and transformers' `Conv1D`, which keeps its layout) stores the four
+projection matrices attn.c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj as (in, out) and computes
+x @ W, while `nn.Linear` stores (out, in) and computes x @ W.T — so exactly those four weights are
+transposed on the way in and on the way out. Everything else (embeddings, LayerNorms, biases) is
+copied as is, and lm_head is wte (tied).
+
+The tokenizer half: GPT-2's `vocab.json` / `merges.txt` spell every token's bytes as printable
+unicode characters through OpenAI's byte<->unicode table (`bytes_to_unicode`), which lives here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from gptcore.errors import CheckpointError, ConfigError
+from gptcore.fileio import atomic_dir
+from gptcore.model import GPT, GPTConfig
+
+TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all GELU's tanh approximation
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _hf_folder(path: str | Path) -> Path:
+    """A local folder as is; anything else is treated as a hub id and downloaded (needs network)."""
+    p = Path(path)
+    if p.is_dir():
+        return p
+    if p.exists() or str(path).startswith((".", "/")):
+        raise CheckpointError("not a Hugging Face model folder", str(path), "pass a save_pretrained folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    except Exception as exc:  # offline, unknown id, ...
+        raise CheckpointError(f"cannot download {path!r} from the Hugging Face Hub: {exc.__class__.__name__}",
+                              str(path), "check the id and the network, or pass a local folder") from None
+
+
+def _read_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if (folder / "model.safetensors").exists():
+        return load_file(folder / "model.safetensors")
+    if (folder / "model.safetensors.index.json").exists():  # sharded
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        sd: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            sd.update(load_file(folder / shard))
+        return sd
+    if (folder / "pytorch_model.bin").exists():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise CheckpointError("no weights found", str(folder), "expected model.safetensors or pytorch_model.bin")
+
+
+def config_from_hf(hf: dict, where: str = "config.json") -> GPTConfig:
+    """Our GPTConfig for a transformers GPT2Config dict; what our model cannot express is an error."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise ConfigError(f"model_type {hf.get('model_type')!r} is not gpt2", where, "only GPT-2 checkpoints convert")
+    C = hf.get("n_embd", 768)
+    unsupported = [
+        (hf.get("activation_function", "gelu_new") not in TANH_GELUS, "activation_function", "tanh-approximate GELU"),
+        (hf.get("n_inner") not in (None, 4 * C), "n_inner", f"None or {4 * C}"),
+        (abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12, "layer_norm_epsilon", "1e-5"),
+        (not hf.get("scale_attn_weights", True), "scale_attn_weights", "true"),
+        (hf.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx", "false"),
+        (hf.get("add_cross_attention", False), "add_cross_attention", "false"),
+        (not hf.get("tie_word_embeddings", True), "tie_word_embeddings", "true"),
+    ]
+    for bad, key, want in unsupported:
+        if bad:
+            raise ConfigError(f"GPT-2 setting {key}={hf.get(key)!r} has no equivalent in our model", where,
+                              f"only {key}={want} converts")
+    return GPTConfig(vocab_size=hf.get("vocab_size", 50257), block_size=hf.get("n_positions", 1024),
+                     n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=C, bias=True)
+
+
+def load_hf_gpt2(path: str | Path, device="cpu") -> GPT:
+    """Our GPT with the weights of a transformers GPT-2 (folder written by `save_pretrained`, or hub id)."""
+    folder = _hf_folder(path)
+    cfg_file = folder / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError("missing config.json", str(cfg_file), "pass a save_pretrained folder")
+    config = config_from_hf(json.loads(cfg_file.read_text()), str(cfg_file))
+    hf_sd = _read_hf_state_dict(folder)
+
+    sd = {}
+    for k, v in hf_sd.items():
+        k = k.removeprefix("transformer.")  # OpenAI's own files have no prefix
+        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
+            continue  # causal-mask buffers of old transformers versions; lm_head is wte (tied)
+        v = v.float()
+        sd["transformer." + k] = v.t().contiguous() if k.endswith(TRANSPOSED) else v
+
+    with torch.device("meta"):
+        model = GPT(config)
+    expected = {k for k in model.state_dict() if k != "lm_head.weight"}
+    if set(sd) != expected:
+        missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
+        raise CheckpointError(f"weights do not match the config (missing {missing[:4]}, unexpected {extra[:4]})",
+                              str(folder), "the folder must hold a GPT2LMHeadModel")
+    for k, v in sd.items():
+        want = model.get_parameter(k).shape
+        if v.shape != want:
+            raise CheckpointError(f"{k} has shape {tuple(v.shape)}, config wants {tuple(want)}", str(folder),
+                                  "config.json and the weights disagree")
+    model.load_state_dict(sd, strict=False, assign=True)
+    model.tie_weights()
+    return model.to(device).eval()
+
+
+def check_gpt2_compatible(config: GPTConfig) -> None:
+    """Raise ConfigError if GPT2LMHeadModel cannot hold this architecture."""
+    wrong = {k: getattr(config, k) for k, want in dict(norm="layernorm", mlp="gelu", pos="learned", qk_norm=False,
+                                                       bias=True, tie_embeddings=True).items()
+             if getattr(config, k) != want}
+    if config.n_kv_head != config.n_head:
+        wrong["n_kv_head"] = config.n_kv_head
+    if wrong:
+        raise ConfigError(f"GPT-2 cannot express the variant {wrong}", "model",
+                          "only layernorm + gelu + learned positions + bias + tied embeddings + n_kv_head = n_head "
+                          "convert to Hugging Face GPT-2")
+
+
+def save_hf_gpt2(model: GPT, out_dir: str | Path, tokenizer=None) -> Path:
+    """Write a folder that `GPT2LMHeadModel.from_pretrained` loads (config.json + model.safetensors),
+    plus vocab.json/merges.txt when `tokenizer` is a GPT-2-style byte-level BPE. Atomic."""
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    check_gpt2_compatible(cfg)
+    vocab = merges = None
+    if tokenizer is not None:
+        vocab, merges = gpt2_vocab_and_merges(tokenizer)
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            continue  # tied to transformer.wte.weight; transformers re-ties on load
+        v = v.detach().to("cpu", torch.float32)
+        sd[k] = (v.t() if k.endswith(TRANSPOSED) else v).contiguous()
+    eot = getattr(tokenizer, "eot_id", None) if tokenizer is not None else None
+    eot = 50256 if eot is None and cfg.vocab_size == 50257 else eot
+    hf_config = {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
+        "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True, "bos_token_id": eot, "eos_token_id": eot, "dtype": "float32",
+    }
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        if vocab is not None:
+            (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+            lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+            (tmp / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- tokenizer files
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """OpenAI's table mapping each byte to a printable character, so BPE tokens can be JSON strings.
+
+    Printable bytes map to themselves ("a" -> "a"); the other 68 (controls, space, ...) go to
+    256, 257, ... in order, e.g. the space byte 32 -> "Ġ" (chr(288)), newline 10 -> "Ċ" (chr(266)).
+    """
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
+def unicode_to_bytes() -> dict[str, int]:
+    """The inverse of `bytes_to_unicode`: "Ġ" -> 32."""
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def _bpe_split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
+    """Run byte-level BPE on `token` using only merges ranked below max_rank.
+
+    >>> _bpe_split({b"a": 0, b"b": 1, b"ab": 2, b"abb": 3}, b"abb", 3)
+    [b'ab', b'b']
+    """
+    parts = [bytes([b]) for b in token]
+    while True:
+        best, best_rank = None, None
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < max_rank and (best_rank is None or r < best_rank):
+                best, best_rank = i, r
+        if best is None:
+            return parts
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+
+
+def gpt2_vocab_and_merges(tokenizer) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """GPT-2 `vocab.json` (token string -> id) and `merges.txt` pairs (in rank order) for a byte-level
+    BPE tokenizer whose token ids are its merge ranks (GPT-2's and ours are).
+
+    Only the token bytes are read (`decode_bytes([id])`); each merge is recovered by running BPE on
+    the token with the merges ranked before it, which ends in exactly the two parts that formed it.
+    """
+    specials = dict(getattr(tokenizer, "special_tokens", {}) or {})
+    special_ids = set(specials.values())
+    ranks = {tokenizer.decode_bytes([i]): i for i in range(tokenizer.vocab_size) if i not in special_ids}
+    if len(ranks) != tokenizer.vocab_size - len(special_ids) or any(bytes([b]) not in ranks for b in range(256)):
+        raise ConfigError("tokenizer is not a byte-level BPE (every byte a token, every token unique)",
+                          "tokenizer", "only GPT-2-style tokenizers export vocab.json/merges.txt")
+    pattern = getattr(tokenizer, "pattern", None)
+    if isinstance(pattern, str) and pattern not in ("gpt2",) and "'s|'t|'re|'ve|'m|'ll|'d" not in pattern:
+        raise ConfigError(f"tokenizer splits text with pattern {pattern!r}, GPT-2's tokenizer uses 'gpt2'",
+                          "tokenizer.pattern", "train the tokenizer with pattern gpt2 to export it for transformers")
+    b2u = bytes_to_unicode()
+    spell = lambda bs: "".join(b2u[b] for b in bs)  # noqa: E731
+    vocab = {spell(bs): i for bs, i in ranks.items()}
+    vocab.update(specials)
+    merges = []
+    for bs, i in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(bs) == 1:
+            continue
+        parts = _bpe_split(ranks, bs, i)
+        if len(parts) != 2:
+            raise ConfigError(f"token {i} ({bs!r}) is not the merge of two earlier tokens", "tokenizer",
+                              "ids must be merge ranks (a byte-level BPE)")
+        merges.append((spell(parts[0]), spell(parts[1])))
+    return vocab, merges
