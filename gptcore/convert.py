@@ -196,52 +196,19 @@ def unicode_to_bytes() -> dict[str, int]:
     return {c: b for b, c in bytes_to_unicode().items()}
 
 
-def _bpe_split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
-    """Run byte-level BPE on `token` using only merges ranked below max_rank.
-
-    >>> _bpe_split({b"a": 0, b"b": 1, b"ab": 2, b"abb": 3}, b"abb", 3)
-    [b'ab', b'b']
-    """
-    parts = [bytes([b]) for b in token]
-    while True:
-        best, best_rank = None, None
-        for i in range(len(parts) - 1):
-            r = ranks.get(parts[i] + parts[i + 1])
-            if r is not None and r < max_rank and (best_rank is None or r < best_rank):
-                best, best_rank = i, r
-        if best is None:
-            return parts
-        parts[best:best + 2] = [parts[best] + parts[best + 1]]
-
-
 def gpt2_vocab_and_merges(tokenizer) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """GPT-2 `vocab.json` (token string -> id) and `merges.txt` pairs (in rank order) for a byte-level
-    BPE tokenizer whose token ids are its merge ranks (GPT-2's and ours are).
+    """GPT-2 `vocab.json` (token string -> id) and `merges.txt` pairs (in rank order) for one of our
+    byte-level BPE tokenizers that splits text with GPT-2's pattern."""
+    from gptcore.tokenizer import PATTERNS
 
-    Only the token bytes are read (`decode_bytes([id])`); each merge is recovered by running BPE on
-    the token with the merges ranked before it, which ends in exactly the two parts that formed it.
-    """
-    specials = dict(getattr(tokenizer, "special_tokens", {}) or {})
-    special_ids = set(specials.values())
-    ranks = {tokenizer.decode_bytes([i]): i for i in range(tokenizer.vocab_size) if i not in special_ids}
-    if len(ranks) != tokenizer.vocab_size - len(special_ids) or any(bytes([b]) not in ranks for b in range(256)):
-        raise ConfigError("tokenizer is not a byte-level BPE (every byte a token, every token unique)",
-                          "tokenizer", "only GPT-2-style tokenizers export vocab.json/merges.txt")
-    pattern = getattr(tokenizer, "pattern", None)
-    if isinstance(pattern, str) and pattern not in ("gpt2",) and "'s|'t|'re|'ve|'m|'ll|'d" not in pattern:
-        raise ConfigError(f"tokenizer splits text with pattern {pattern!r}, GPT-2's tokenizer uses 'gpt2'",
-                          "tokenizer.pattern", "train the tokenizer with pattern gpt2 to export it for transformers")
+    if not hasattr(tokenizer, "merges") or getattr(tokenizer, "pattern", None) != PATTERNS["gpt2"]:
+        raise ConfigError("only a byte-level BPE tokenizer with GPT-2's split pattern has GPT-2 vocab files",
+                          "tokenizer", "train it with backend bpe and pattern gpt2, or convert without a tokenizer")
     b2u = bytes_to_unicode()
-    spell = lambda bs: "".join(b2u[b] for b in bs)  # noqa: E731
-    vocab = {spell(bs): i for bs, i in ranks.items()}
+    spell = lambda i: "".join(b2u[b] for b in tokenizer.decode_bytes([i]))  # noqa: E731  id -> "Ġthe"
+    specials = dict(tokenizer.special_tokens)
+    special_ids = set(specials.values())
+    vocab = {spell(i): i for i in range(tokenizer.vocab_size) if i not in special_ids}
     vocab.update(specials)
-    merges = []
-    for bs, i in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(bs) == 1:
-            continue
-        parts = _bpe_split(ranks, bs, i)
-        if len(parts) != 2:
-            raise ConfigError(f"token {i} ({bs!r}) is not the merge of two earlier tokens", "tokenizer",
-                              "ids must be merge ranks (a byte-level BPE)")
-        merges.append((spell(parts[0]), spell(parts[1])))
+    merges = [(spell(a), spell(b)) for a, b in tokenizer.merges]
     return vocab, merges
