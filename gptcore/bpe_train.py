@@ -1,0 +1,184 @@
+"""Training a byte-level BPE vocabulary fast, in plain Python.
+
+The readable algorithm (minbpe, and `naive_train` in tests/test_tokenizer_train.py) is:
+
+    repeat vocab_size - 256 times:
+        count every adjacent pair of tokens in the corpus       # O(corpus) per merge
+        merge the most frequent pair into a new token everywhere
+
+This module computes exactly the same merges, but
+
+1. splits the text into pre-token chunks once (the regex) and counts each distinct chunk:
+   "    return" occurring 40 000 times is one word with count 40 000. Memory grows with the
+   number of distinct chunks, not with the corpus, so `texts` can be a stream;
+2. keeps the pair counts between merges and updates them only for the words the merged pair
+   occurs in (`where[pair]` = ids of those words), only around each merged position;
+3. picks the best pair from a heap with lazy deletion: counts of existing pairs only ever go
+   down (a merge creates new pairs, all containing the new token), so a popped entry whose
+   count is stale is pushed back with its current count, and the first fresh entry is the max.
+
+Pairs are ints `a << 20 | b` (token ids < 2**20), words are lists of ints; the heap holds single
+ints `pair - (count << 40)`, so the smallest key is the highest count and, among equal counts,
+the smallest pair `(a, b)`.
+
+Tie-break (deterministic, and the naive reference uses the same rule): the highest count wins;
+among equal counts the pair with the smallest (left id, right id). A pair whose concatenated bytes
+already form a token (e.g. "a"+"bc" after "ab"+"c" made "abc") is never merged, so every token's
+bytes are distinct and the vocabulary is a bytes -> rank map, exactly what tiktoken encodes with.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from typing import Iterable, Iterator
+
+_SHIFT = 20  # pair key = a << 20 | b
+_MASK = (1 << _SHIFT) - 1
+_CSHIFT = 40  # heap key = pair - (count << 40)
+_PMASK = (1 << _CSHIFT) - 1
+
+
+def count_chunks(texts: Iterable[str], split, specials: Iterable[str] = ()) -> Counter:
+    """Count the regex chunks of a stream of texts: {chunk string: occurrences}.
+
+    `split` is a compiled pattern; special-token texts are cut out first so they are never learned.
+
+        >>> count_chunks(["ab ab"], regex.compile(r" ?\\w+"))
+        Counter({'ab': 1, ' ab': 1})
+    """
+    counts: Counter = Counter()
+    specials = [s for s in specials if s]
+    findall = split.findall
+    for text in texts:
+        parts = [text]
+        for s in specials:
+            if s in text:
+                parts = [q for p in parts for q in p.split(s)]
+        for part in parts:
+            counts.update(findall(part))
+    return counts
+
+
+def train_merges(
+    chunk_counts: dict[str, int] | dict[bytes, int],
+    num_merges: int,
+    progress=None,
+) -> list[tuple[int, int]]:
+    """The first `num_merges` BPE merges of a chunk histogram, as (left id, right id) pairs.
+
+    Token ids 0..255 are the bytes; merge i creates token 256 + i. `progress(n)` is called per merge.
+
+        >>> train_merges({"aaab": 2, "ab": 1}, 2)
+        [(97, 97), (97, 98)]
+    """
+    # distinct chunks -> words (lists of byte ids) and their counts
+    words: list[list[int]] = []
+    wcount: list[int] = []
+    for chunk, c in chunk_counts.items():
+        b = chunk.encode("utf-8") if isinstance(chunk, str) else chunk
+        if len(b) >= 2:
+            words.append(list(b))
+            wcount.append(c)
+
+    # pair -> total count; pair -> ids of the words it occurs in (a superset: checked on use)
+    counts: dict[int, int] = {}
+    where: dict[int, set] = {}
+    for wi, w in enumerate(words):
+        c = wcount[wi]
+        for x, y in zip(w, w[1:]):
+            k = x << _SHIFT | y
+            counts[k] = counts.get(k, 0) + c
+            s = where.get(k)
+            if s is None:
+                where[k] = {wi}
+            else:
+                s.add(wi)
+    heap = [k - (c << _CSHIFT) for k, c in counts.items()]
+    heapq.heapify(heap)
+
+    token_bytes = [bytes([i]) for i in range(256)]
+    known = set(token_bytes)
+    merges: list[tuple[int, int]] = []
+    while len(merges) < num_merges and heap:
+        key = heapq.heappop(heap)
+        pair = key & _PMASK
+        c = -(key >> _CSHIFT)
+        now = counts.get(pair, 0)
+        if now <= 0:
+            continue
+        if now != c:  # stale: push back with the current count
+            heapq.heappush(heap, pair - (now << _CSHIFT))
+            continue
+        a, b = pair >> _SHIFT, pair & _MASK
+        new_bytes = token_bytes[a] + token_bytes[b]
+        if new_bytes in known:  # would duplicate a token: never merge this pair
+            del counts[pair]
+            continue
+        z = len(token_bytes)
+        token_bytes.append(new_bytes)
+        known.add(new_bytes)
+        merges.append((a, b))
+        _apply_merge(words, wcount, counts, where, heap, a, b, z)
+        if progress is not None:
+            progress(1)
+    return merges
+
+
+def _apply_merge(words, wcount, counts, where, heap, a, b, z) -> None:
+    """Replace (a, b) by z in every word that holds it; update the counts around each merge site."""
+    pair = a << _SHIFT | b
+    touched: set[int] = set()  # new pairs (all contain z): pushed once, with their final count
+    get = counts.get
+    for wi in where.pop(pair, ()):
+        w = words[wi]
+        n = len(w)
+        c = wcount[wi]
+        out: list[int] = []
+        i = 0
+        while i < n:
+            if w[i] == a and i + 1 < n and w[i + 1] == b:
+                if out:  # left neighbour: (p, a) -> (p, z); p may be a z made just before
+                    p = out[-1]
+                    k = p << _SHIFT | a
+                    counts[k] = get(k, 0) - c
+                    k = p << _SHIFT | z
+                    counts[k] = get(k, 0) + c
+                    touched.add(k)
+                    _add_where(where, k, wi)
+                if i + 2 < n:  # right neighbour: (b, q) -> (z, q)
+                    q = w[i + 2]
+                    k = b << _SHIFT | q
+                    counts[k] = get(k, 0) - c
+                    k = z << _SHIFT | q
+                    counts[k] = get(k, 0) + c
+                    touched.add(k)
+                    _add_where(where, k, wi)
+                out.append(z)
+                i += 2
+            else:
+                out.append(w[i])
+                i += 1
+        if len(out) != n:
+            words[wi] = out
+    counts.pop(pair, None)
+    for k in touched:
+        c = counts.get(k, 0)
+        if c > 0:
+            heapq.heappush(heap, k - (c << _CSHIFT))
+
+
+def _add_where(where, k, wi) -> None:
+    s = where.get(k)
+    if s is None:
+        where[k] = {wi}
+    else:
+        s.add(wi)
+
+
+def iter_texts(texts) -> Iterator[str]:
+    """`texts` as a stream of strings: a single str is one text."""
+    if isinstance(texts, str):
+        yield texts
+    else:
+        yield from texts

