@@ -109,6 +109,55 @@ def _load_config(path: Optional[Path], overrides: Optional[List[str]]):
 
 # === section: model, generate, convert (issue 4) =============================================
 
+convert_app = typer.Typer(help="Convert between Hugging Face GPT-2 folders and gptcore model folders.",
+                          no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+
+
+@app.command()
+def generate(
+    checkpoint: Path = typer.Argument(..., help="A model folder (config.json, model.safetensors, tokenizer/)."),
+    prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue (empty: start a new document)."),
+    max_new_tokens: int = typer.Option(100, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy."),
+    top_k: Optional[int] = typer.Option(200, "--top-k"),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter folder to apply."),
+) -> None:
+    """Stream a continuation of --prompt to stdout."""
+    from gptcore.checkpoint import load_model
+    from gptcore.generate import stream_text
+
+    model, tokenizer = load_model(checkpoint)
+    if adapter is not None:
+        from gptcore.lora import apply_adapter
+
+        model = apply_adapter(model, adapter, base_dir=checkpoint)
+    sys.stdout.write(prompt)
+    for piece in stream_text(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@convert_app.command("from-hf")
+def convert_from_hf(hf_dir: str = typer.Argument(..., help="save_pretrained folder (or hub id when online)."),
+                    out: Path = typer.Argument(..., help="Model folder to write.")) -> None:
+    """Hugging Face GPT2LMHeadModel folder -> gptcore model folder."""
+    from gptcore.convert import checkpoint_from_hf
+
+    print(checkpoint_from_hf(hf_dir, out))
+
+
+@convert_app.command("to-hf")
+def convert_to_hf(checkpoint: Path = typer.Argument(..., help="gptcore model folder."),
+                  out: Path = typer.Argument(..., help="Folder for GPT2LMHeadModel.from_pretrained.")) -> None:
+    """gptcore model folder -> Hugging Face GPT2LMHeadModel folder."""
+    from gptcore.convert import checkpoint_to_hf
+
+    print(checkpoint_to_hf(checkpoint, out))
+
 # === section: data / prepare (issue 5) =======================================================
 
 # === section: pretrain, plan, evaluate (issue 6) =============================================

@@ -212,3 +212,32 @@ def gpt2_vocab_and_merges(tokenizer) -> tuple[dict[str, int], list[tuple[str, st
     vocab.update(specials)
     merges = [(spell(a), spell(b)) for a, b in tokenizer.merges]
     return vocab, merges
+
+
+# ----------------------------------------------------------------------------- folder to folder (CLI)
+
+
+def checkpoint_from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    """A transformers GPT-2 folder -> one of our model folders, with the GPT-2 tokenizer from the
+    folder's vocab.json/merges.txt when present, else OpenAI's GPT-2 vocabulary."""
+    from gptcore import tokenizer as tk
+    from gptcore.checkpoint import save_model
+
+    folder = _hf_folder(hf_dir)
+    model = load_hf_gpt2(folder)
+    if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+        tokenizer = tk.BPETokenizer.from_gpt2_files(folder / "vocab.json", folder / "merges.txt")
+    else:
+        tokenizer = tk.gpt2_tokenizer()
+    return save_model(model, tokenizer, out_dir)
+
+
+def checkpoint_to_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+    """One of our model folders -> a transformers GPT-2 folder (+ vocab files for a GPT-2-style tokenizer)."""
+    from gptcore.checkpoint import load_model
+    from gptcore.tokenizer import PATTERNS
+
+    model, tokenizer = load_model(checkpoint_dir)
+    if getattr(tokenizer, "pattern", None) != PATTERNS["gpt2"] or not hasattr(tokenizer, "merges"):
+        tokenizer = None  # weights only: a non-GPT-2 tokenizer has no vocab.json/merges.txt form
+    return save_hf_gpt2(model, out_dir, tokenizer)

@@ -1,0 +1,50 @@
+"""Text in, text out: encode a prompt, stream the model's continuation as decoded text.
+
+    model, tok = load_model("runs/tiny/final")
+    for piece in stream_text(model, tok, "def main(", max_new_tokens=50, seed=0):
+        print(piece, end="", flush=True)
+
+Tokens are decoded with an incremental UTF-8 decoder, so a character split across two tokens is
+printed once both have arrived (never as a replacement character in the middle of a stream).
+"""
+
+from __future__ import annotations
+
+import codecs
+from typing import Iterator
+
+import torch
+
+from gptcore.errors import ConfigError
+
+
+def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
+                top_k: int | None = 200, top_p: float | None = None, seed: int | None = None,
+                stop_at_eot: bool = True) -> Iterator[str]:
+    """Yield the decoded continuation of `prompt` piece by piece (one sampled token at a time)."""
+    if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k <= 0) \
+            or (top_p is not None and not 0 < top_p <= 1):
+        raise ConfigError("invalid sampling settings", "generate",
+                          "use max_new_tokens >= 0, temperature >= 0, top_k > 0, 0 < top_p <= 1")
+    ids = tokenizer.encode(prompt, allowed_special="all") if prompt else []
+    if not ids:  # an empty prompt starts from the end-of-text token (a fresh document)
+        if tokenizer.eot_id is None:
+            raise ConfigError("empty prompt and the tokenizer has no <|endoftext|>", "--prompt", "give a prompt")
+        ids = [tokenizer.eot_id]
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else torch.seed())
+    idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    eos = tokenizer.eot_id if stop_at_eot else None
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for tok in model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                     eos_id=eos, generator=generator):
+        t = int(tok[0, 0])
+        if t == eos:
+            break
+        piece = decoder.decode(tokenizer.decode_bytes([t]))
+        if piece:
+            yield piece
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
