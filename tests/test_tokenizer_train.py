@@ -1,0 +1,138 @@
+"""The fast trainer against the readable reference below (minbpe-style: recount every pair at every
+merge), plus streaming input, determinism, vocab_size accounting and consistency with tiktoken."""
+
+import random
+
+import pytest
+import regex
+
+from gptcore.bpe_train import train_merges
+from gptcore.errors import ConfigError, DataError
+from gptcore.tokenizer import PATTERNS, BPETokenizer
+
+
+def naive_train(texts, num_merges, pattern, specials=()):
+    """Reference BPE trainer, minbpe-style. Each merge: count every adjacent pair in every chunk
+    occurrence, take the highest count, ties -> the smallest (left id, right id); a pair whose bytes
+    already form a token is never merged. Returns [(left id, right id), ...]; merge i makes 256 + i."""
+    words = []
+    for text in texts:
+        for s in specials:
+            text = text.replace(s, "\0SPLIT\0")
+        for part in text.split("\0SPLIT\0"):
+            words += [list(chunk.encode("utf-8")) for chunk in regex.findall(pattern, part)]
+    vocab = [bytes([i]) for i in range(256)]
+    merges = []
+    while len(merges) < num_merges:
+        stats = {}
+        for w in words:
+            for pair in zip(w, w[1:]):
+                stats[pair] = stats.get(pair, 0) + 1
+        candidates = [(-c, p) for p, c in stats.items() if vocab[p[0]] + vocab[p[1]] not in vocab]
+        if not candidates:
+            break
+        _, pair = min(candidates)
+        z = len(vocab)
+        vocab.append(vocab[pair[0]] + vocab[pair[1]])
+        merges.append(pair)
+        words = [_merge(w, pair, z) for w in words]
+    return merges
+
+
+def _merge(ids, pair, z):
+    """_merge([1, 2, 3, 1, 2], (1, 2), 4) -> [4, 3, 4]"""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+            out.append(z)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+SMALL_CORPORA = [
+    ["aaaaaaaa aaaa aaa aa a"],
+    ["abababab abab ab aba bab", "ba ba ba abba"],
+    ["def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n" * 3],
+    ["the cat sat on the mat. the cat ate the rat! THE CAT? 12345 123 12 1"],
+    ["héllo wörld 😀😀😀 中文中文中文 e\u0301e\u0301e\u0301 \t\t\t\n\n\r\n"],
+]
+
+
+def _random_corpus(seed):
+    rng = random.Random(seed)
+    alphabet = "aab bc  d\n\t'sé😀xyz0123.,"
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 200))) for _ in range(rng.randint(1, 8))]
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+@pytest.mark.parametrize("corpus", SMALL_CORPORA + [_random_corpus(s) for s in range(12)])
+def test_merges_equal_naive_reference(corpus, pattern):
+    pat = PATTERNS[pattern]
+    tok = BPETokenizer.train(corpus, vocab_size=256 + 60 + 1, pattern=pattern)
+    assert tok.merges == naive_train(corpus, 60, pat, specials=("<|endoftext|>",))
+
+
+def test_merges_equal_naive_on_real_python_source():
+    import inspect
+
+    import gptcore.bpe_train as mod
+
+    src = inspect.getsource(mod)[:12000]
+    tok = BPETokenizer.train(src, vocab_size=256 + 150 + 1)
+    assert tok.merges == naive_train([src], 150, PATTERNS["gpt4"])
+
+
+def test_duplicate_bytes_are_never_merged():
+    # "ab"+"c" and "a"+"bc" both spell "abc": the second pair must be skipped
+    corpus = ["bc bc bc bc abc abc abc abc ab ab"]
+    merges = train_merges({"abc": 4, "bc": 4, "ab": 2}, 10)
+    assert merges == naive_train([c for c in ["abc"] * 4 + ["bc"] * 4 + ["ab"] * 2], 10, r"\S+")
+    tok = BPETokenizer.train(corpus, 300, pattern=r"\S+")
+    spelled = [tok.token_bytes(i) for i in range(256 + len(tok.merges))]
+    assert len(set(spelled)) == len(spelled)
+
+
+def test_stream_input_and_specials_cut_out():
+    docs = [f"doc {i}: x = {i} * y<|endoftext|>" for i in range(50)]
+    a = BPETokenizer.train(iter(docs), vocab_size=300)
+    b = BPETokenizer.train("".join(docs), vocab_size=300)
+    assert a.merges == b.merges
+    assert not any(b"<|" in a.token_bytes(i) for i in range(256 + len(a.merges)))
+    assert a.special_tokens == {"<|endoftext|>": 299}
+    assert a.encode("y<|endoftext|>", allowed_special="all")[-1] == 299
+
+
+def test_vocab_size_accounting_and_errors():
+    tok = BPETokenizer.train("hello hello world " * 20, vocab_size=260, special_tokens=("<|a|>", "<|b|>"))
+    assert len(tok.merges) == 2 and tok.vocab_size == 260
+    assert tok.special_tokens == {"<|a|>": 258, "<|b|>": 259}
+    with pytest.raises(ConfigError, match="vocab_size"):
+        BPETokenizer.train("hello", vocab_size=256)
+    with pytest.raises(DataError):
+        BPETokenizer.train([], vocab_size=300)
+    with pytest.raises(ConfigError, match="pattern"):
+        BPETokenizer.train("x", vocab_size=300, pattern="([unclosed")
+    small = BPETokenizer.train("ab", vocab_size=1000)  # runs out of pairs: a smaller vocabulary
+    assert small.merges == [(97, 98)] and small.vocab_size == 258
+
+
+def test_trained_tokenizer_roundtrip_and_tiktoken(tmp_path):
+    text = open(__file__, encoding="utf-8").read()
+    tok = BPETokenizer.train(text, vocab_size=600)
+    sample = text[:3000] + " unseen: ☃ \x00 中文 \r\n"
+    ids = tok.encode(sample, allowed_special="none")
+    assert tok.decode(ids) == sample
+    assert tok.to_tiktoken().encode(sample, disallowed_special=()) == ids  # tiktoken's encoder agrees with ours
+    tok.save(tmp_path / "t")
+    back = BPETokenizer.load(tmp_path / "t")
+    assert back.encode(sample, allowed_special="none") == ids and back.sha256 == tok.sha256
+
+
+def test_training_is_deterministic():
+    corpus = _random_corpus(99) * 3
+    a = BPETokenizer.train(corpus, 400)
+    b = BPETokenizer.train(list(reversed(corpus)), 400)
+    assert a.merges == b.merges and a.sha256 == b.sha256
