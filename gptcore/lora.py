@@ -73,14 +73,15 @@ class LoRALinear(nn.Module):
         return y + (update * self.scaling).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = s · B A, shape (out, in), in float32."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        """ΔW = s · B A, shape (out, in), in the adapters' dtype (float32, or float64 in tests)."""
+        return (self.lora_B @ self.lora_A) * self.scaling
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        """The base linear with ΔW added to its weight (in place): W ← W + s · B A."""
+        """The base linear with ΔW added to its weight (in place): W ← W + s · B A, summed at ≥ float32."""
         w = self.base.weight
-        w.copy_((w.float() + self.delta_weight().to(w.device)).to(w.dtype))
+        acc = torch.promote_types(w.dtype, self.lora_A.dtype)
+        w.copy_((w.to(acc) + self.delta_weight().to(device=w.device, dtype=acc)).to(w.dtype))
         return self.base
 
     def extra_repr(self) -> str:

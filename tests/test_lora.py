@@ -270,7 +270,8 @@ def test_adapter_rejects_a_different_base_and_corruption(tmp_path, monkeypatch):
     apply_adapter(_tiny_gpt(), tmp_path / "adapter", base_dir=tmp_path / "base")  # the right base loads
 
     w = tmp_path / "adapter" / "adapter.safetensors"
-    w.write_bytes(w.read_bytes()[:-8] + b"\0" * 8)
+    blob = w.read_bytes()
+    w.write_bytes(blob[:-8] + bytes(b ^ 0xFF for b in blob[-8:]))  # flip the last 8 bytes
     with pytest.raises(CheckpointError, match="sha256"):
         read_adapter_meta(tmp_path / "adapter")
     with pytest.raises(CheckpointError, match="adapter.json not found"):
