@@ -1,0 +1,236 @@
+"""Training checkpoints: written atomically, verified by checksum, resumed to the bit.
+
+    out_dir/checkpoints/step_000200/
+        config.json  model.safetensors  tokenizer/tokenizer.json     <- a model folder (checkpoint.save_model)
+        optimizer.pt                                                  <- AdamW state, full (unsharded)
+        state.json                                                    <- step, tokens, loader + RNG states,
+                                                                         config hash, sha256 of every file
+
+A checkpoint folder is built under a temporary name and renamed when complete (`fileio.atomic_dir`),
+so after a kill it either exists whole or not at all. Resume walks the folders newest first and takes
+the first whose files all match the sha256 recorded in state.json; a damaged one is skipped with a
+warning. The config hash covers everything that changes the trained weights except `train.max_steps`
+(so a run can be extended), and a mismatch is refused rather than silently mixing two runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gptcore.errors import CheckpointError
+from gptcore.fileio import atomic_dir, atomic_write_json, remove_stale_temps, sha256_file
+
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+# Keys that cannot change the trained weights: they may differ between a run and its resume.
+HASH_EXCLUDE = (
+    "train.max_steps",
+    "run.name",
+    "run.out_dir",
+    "train.progress",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.ckpt_every",
+    "train.keep_last",
+    "train.max_bad_steps",
+)
+HASH_SECTIONS = ("run", "data", "tokenizer", "model", "train")
+
+
+def config_hash(config) -> str:
+    """sha256 of what determines the weights of a run (all but `HASH_EXCLUDE`)."""
+    return config.section_hash(*HASH_SECTIONS, exclude=HASH_EXCLUDE)
+
+
+def hashed_view(config) -> dict[str, Any]:
+    """The flat `section.key -> value` map that `config_hash` covers (for naming what changed)."""
+    return {k: v for k, v in config.flat().items() if k.split(".")[0] in HASH_SECTIONS and k not in HASH_EXCLUDE}
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG states as JSON
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def rng_state() -> dict[str, Any]:
+    """python, numpy, torch (CPU) and CUDA generator states, JSON-serialisable."""
+    py = random.getstate()
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+        "torch": _b64(torch.get_rng_state()),
+        "cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    v, keys, gauss = state["python"]
+    random.setstate((v, tuple(keys), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+def _jsonable(obj: Any) -> Any:
+    """numpy/torch scalars and arrays inside a loader state → plain JSON values."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    tokenizer,
+    optimizer_state: dict[str, Any],
+    state: dict[str, Any],
+) -> Path:
+    """Write `checkpoints/step_{step:06d}/` atomically. `model` holds the full (unsharded) weights.
+
+    `state` is stored as state.json with `step`, `files` (sha256 of every other file) added.
+    """
+    from gptcore.checkpoint import save_model
+
+    path = checkpoint_dir(out_dir, step)
+    with atomic_dir(path) as tmp:
+        save_model(model, tokenizer, tmp)
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        atomic_write_json(tmp / "state.json", {**_jsonable(state), "step": step, "files": files})
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# reading and verifying
+
+
+def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete-looking checkpoint folder, oldest first."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    f = Path(path) / "state.json"
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError("checkpoint has no state.json", str(f), "delete this checkpoint folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError("checkpoint state.json is not valid JSON", str(f), "delete this checkpoint folder") from None
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check every file against the sha256 in state.json; return the state or raise naming the file."""
+    path = Path(path)
+    state = read_state(path)
+    files = state.get("files")
+    if not isinstance(files, dict) or "model.safetensors" not in files:
+        raise CheckpointError("checkpoint state.json lists no files", str(path / "state.json"), "delete this checkpoint folder")
+    for name, digest in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError("checkpoint file is missing", str(f), "delete this checkpoint folder")
+        if sha256_file(f) != digest:
+            raise CheckpointError("checkpoint file does not match its sha256", str(f), "the file is corrupt; delete this checkpoint folder")
+    return state
+
+
+def latest_intact(out_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that passes `verify_checkpoint` (warning about each one skipped)."""
+    remove_stale_temps(Path(out_dir) / "checkpoints")  # half-written folders of a killed run
+    for _, path in reversed(list_checkpoints(out_dir)):
+        try:
+            return path, verify_checkpoint(path)
+        except CheckpointError as exc:
+            warnings.warn(f"skipping damaged checkpoint: {exc.message()}", stacklevel=2)
+    return None
+
+
+def check_config(state: dict[str, Any], config, path: str | Path) -> None:
+    """Refuse to resume a checkpoint written by a different config (train.max_steps may differ)."""
+    if state.get("config_hash") == config_hash(config):
+        return
+    saved = state.get("config_view", {})
+    now = hashed_view(config)
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5]) or "unknown keys"
+    raise CheckpointError(
+        f"checkpoint was written with a different config ({shown})",
+        str(path),
+        "resume with the same config (only train.max_steps may change) or pass a new --out folder",
+    )
+
+
+def prune_checkpoints(out_dir: str | Path, keep_last: int) -> list[Path]:
+    """Keep the newest `keep_last` checkpoints and the one with the lowest val loss; delete the rest."""
+    ckpts = list_checkpoints(out_dir)
+    keep = {p for _, p in ckpts[-keep_last:]}
+    scored = []
+    for _, p in ckpts:
+        try:
+            v = read_state(p).get("val_loss")
+        except CheckpointError:
+            continue
+        if isinstance(v, (int, float)):
+            scored.append((v, p))
+    if scored:
+        keep.add(min(scored, key=lambda vp: vp[0])[1])
+    removed = [p for _, p in ckpts if p not in keep]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def best_checkpoint(out_dir: str | Path) -> Path | None:
+    """The kept checkpoint with the lowest recorded val loss (None when none was evaluated)."""
+    scored = []
+    for _, p in list_checkpoints(out_dir):
+        v = read_state(p).get("val_loss")
+        if isinstance(v, (int, float)):
+            scored.append((v, p))
+    return min(scored, key=lambda vp: vp[0])[1] if scored else None

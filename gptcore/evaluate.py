@@ -1,0 +1,396 @@
+"""How good is the model, honestly: held-out loss in units that compare across tokenizers, beside
+the baselines it has to beat, plus samples and multiple-choice accuracy.
+
+    val loss   mean cross-entropy (nats/token) over the validation split's windows
+    perplexity exp(val loss)
+    bits/byte  val loss / ln 2 × tokens/bytes of the val split (from manifest.json). A tokenizer
+               with bigger tokens has a higher loss per token but the same bits per byte for the
+               same model quality, so bpb is what we compare.
+    unigram    the same bits/byte for a model that ignores context: token frequencies of the
+               training shards with add-one smoothing, p(t) = (count(t) + 1) / (N + V)
+    previous   the bits/byte the previous best model got (its eval.json), when given
+
+Multiple choice (HellaSwag style): each ending is scored by the log-likelihood of its tokens given
+the context; `acc` picks the highest sum, `acc_norm` the highest sum per byte of the ending.
+`LMEvalAdapter` exposes the same scoring to EleutherAI's lm-evaluation-harness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gptcore.errors import DataError
+
+LN2 = math.log(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# the data side: manifest and token streams
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """The complete, verified manifest.json of a data folder (`gptcore.data.load_manifest`)."""
+    from gptcore.data import load_manifest
+
+    return load_manifest(data_dir)
+
+
+def _split_info(manifest: dict, split: str) -> dict[str, Any]:
+    info = manifest.get("splits", {}).get(split)
+    if not isinstance(info, dict):
+        raise DataError(f"manifest.json has no '{split}' split", "manifest.json", "run `gptcore prepare` again")
+    return info
+
+
+def split_stats(data_dir: str | Path, split: str = "val") -> tuple[int, int]:
+    """(tokens, UTF-8 bytes) of a split, as `gptcore prepare` counted them."""
+    info = _split_info(read_manifest(data_dir), split)
+    return int(info["tokens"]), int(info["bytes"])
+
+
+def split_tokens(data_dir: str | Path, split: str = "val") -> np.ndarray:
+    """All tokens of a split, shards concatenated in manifest order (each shard verified on read)."""
+    from gptcore.data import read_shard
+
+    info = _split_info(read_manifest(data_dir), split)
+    parts = []
+    for shard in info.get("shards", []):
+        name = shard["file"] if isinstance(shard, dict) else shard
+        parts.append(np.asarray(read_shard(Path(data_dir) / name)))
+    if not parts:
+        raise DataError(f"the '{split}' split has no shards", str(Path(data_dir) / "manifest.json"), "run `gptcore prepare` again")
+    return np.concatenate(parts)
+
+
+def unigram_bpb(data_dir: str | Path) -> float:
+    """Bits per byte on the val split of a context-free model of the training shards (add-one smoothed)."""
+    man = read_manifest(data_dir)
+    V = int(man.get("vocab_size") or 0)
+    train, val = split_tokens(data_dir, "train"), split_tokens(data_dir, "val")
+    V = max(V, int(train.max()) + 1, int(val.max()) + 1)
+    counts = np.bincount(train.astype(np.int64), minlength=V).astype(np.float64)
+    logp = np.log((counts + 1.0) / (counts.sum() + V))  # (V,) nats
+    nats_per_token = -logp[val.astype(np.int64)].mean()
+    tokens, nbytes = split_stats(data_dir, "val")
+    return float(nats_per_token / LN2 * tokens / nbytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation loss
+
+
+@torch.no_grad()
+def val_metrics(
+    model: torch.nn.Module,
+    data_dir: str | Path,
+    batch_size: int = 8,
+    block_size: int | None = None,
+    batches: int = 20,
+    amp_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    tokens: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Loss/perplexity/bpb on consecutive non-overlapping windows from the start of the val split.
+
+    Always the same windows (the first `batches × batch_size`), so numbers compare across steps.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    T = block_size or model.config.block_size
+    toks = split_tokens(data_dir, "val") if tokens is None else tokens
+    T = min(T, len(toks) - 1)  # a tiny val split still gives one window
+    n_windows = min((len(toks) - 1) // T, batches * batch_size)
+    starts = np.arange(n_windows) * T
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for i in range(0, n_windows, batch_size):
+            idx = starts[i : i + batch_size]
+            chunk = np.stack([toks[s : s + T + 1] for s in idx]).astype(np.int64)  # (b, T+1)
+            xy = torch.from_numpy(chunk).to(device)
+            amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+            with amp:
+                _, loss = model(xy[:, :-1].contiguous(), xy[:, 1:].contiguous())
+            n = xy[:, 1:].numel()
+            total += float(loss) * n
+            count += n
+    finally:
+        model.train(was_training)
+    loss = total / count
+    tok, nbytes = split_stats(data_dir, "val")
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700)), "val_bpb": loss / LN2 * tok / nbytes, "val_tokens": count}
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring continuations (multiple choice and lm-eval)
+
+
+@torch.no_grad()
+def continuation_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 16) -> list[tuple[float, bool]]:
+    """For each (context ids, continuation ids): (sum log p(continuation | context), greedy?).
+
+    Sequences longer than the model's block are cut from the left. `greedy` is True when every
+    continuation token is the argmax at its position (lm-eval's `is_greedy`).
+    """
+    device = next(model.parameters()).device
+    bs = model.config.block_size
+    out: list[tuple[float, bool]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i : i + batch_size]
+            rows, spans = [], []
+            for ctx, cont in chunk:
+                if not cont:
+                    raise DataError("empty continuation", "loglikelihood request", "give at least one continuation token")
+                full = (list(ctx) + list(cont))[-(bs + 1):]
+                inp = full[:-1]
+                rows.append(inp)
+                spans.append((len(inp) - len(cont), full[-len(cont):]))  # first scored position, targets
+            L = max(len(r) for r in rows)
+            x = torch.zeros(len(rows), L, dtype=torch.long)
+            for r, ids in enumerate(rows):
+                x[r, : len(ids)] = torch.tensor(ids)
+            logits, _ = model(x.to(device))
+            logp = F.log_softmax(logits.float(), dim=-1)  # (b, L, V)
+            for r, (start, targets) in enumerate(spans):
+                tgt = torch.tensor(targets, device=device)
+                lp = logp[r, start : start + len(targets)]  # (n, V)
+                out.append((float(lp.gather(1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all())))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def load_mc_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Items {context: str, endings: [str, ...], label: int} from a JSONL file, each line checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("multiple-choice file not found", str(path), "pass a JSONL of {context, endings, label}")
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            ok = (isinstance(d, dict) and isinstance(d.get("context"), str) and isinstance(d.get("endings"), list)
+                  and len(d["endings"]) >= 2 and all(isinstance(e, str) and e for e in d["endings"])
+                  and isinstance(d.get("label"), int) and 0 <= d["label"] < len(d["endings"]))
+        except json.JSONDecodeError:
+            ok = False
+        if not ok:
+            raise DataError(f"line {n} is not {{context: str, endings: [str, str, ...], label: int index}}", str(path),
+                            "fix that line")
+        items.append(d)
+    if not items:
+        raise DataError("multiple-choice file has no items", str(path), "add JSONL lines of {context, endings, label}")
+    return items
+
+
+def hellaswag_items(split: str = "validation", limit: int | None = None) -> list[dict[str, Any]]:
+    """HellaSwag through `datasets` (needs the Hub): items in our {context, endings, label} form."""
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset("Rowan/hellaswag", split=split)
+    except Exception as exc:  # offline, or the Hub refused
+        raise DataError(f"cannot load HellaSwag ({exc.__class__.__name__})", "hf:Rowan/hellaswag",
+                        "go online, or pass a local file with --tasks mc:PATH.jsonl") from None
+    items = []
+    for row in ds:
+        if limit is not None and len(items) >= limit:
+            break
+        items.append({"context": row["ctx"], "endings": list(row["endings"]), "label": int(row["label"])})
+    return items
+
+
+def multiple_choice(model, tokenizer, items: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """acc (highest log-likelihood) and acc_norm (highest log-likelihood per byte of the ending)."""
+    items = list(items)
+    pairs, owners = [], []
+    for k, it in enumerate(items):
+        ctx = tokenizer.encode_ordinary(it["context"])
+        for e in it["endings"]:
+            # the space between context and ending belongs to the ending, as in GPT-2's tokenization
+            ending = e if e[:1].isspace() or not it["context"] or it["context"][-1:].isspace() else " " + e
+            pairs.append((ctx, tokenizer.encode_ordinary(ending)))
+            owners.append((k, len(ending.encode("utf-8"))))
+    scores = continuation_logprobs(model, pairs)
+    best = {}
+    for (k, nbytes), (lp, _) in zip(owners, scores):
+        best.setdefault(k, []).append((lp, lp / nbytes))
+    acc = sum(int(np.argmax([s for s, _ in best[k]]) == it["label"]) for k, it in enumerate(items)) / len(items)
+    acc_norm = sum(int(np.argmax([s for _, s in best[k]]) == it["label"]) for k, it in enumerate(items)) / len(items)
+    return {"acc": acc, "acc_norm": acc_norm, "n": len(items)}
+
+
+# ---------------------------------------------------------------------------------------------
+# samples
+
+
+def samples(model, tokenizer, prompts: Sequence[str], seeds: Sequence[int], max_new_tokens: int = 64,
+            temperature: float = 0.8, top_k: int | None = 50) -> list[dict[str, Any]]:
+    """One generation per (prompt, seed), each from its own seeded generator: reproducible."""
+    device = next(model.parameters()).device
+    out = []
+    for prompt in prompts:
+        ids = tokenizer.encode_ordinary(prompt) or ([tokenizer.eot_id] if tokenizer.eot_id is not None else [0])
+        for seed in seeds:
+            g = torch.Generator(device=device).manual_seed(seed)
+            idx = torch.tensor([ids], dtype=torch.long, device=device)
+            y = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=tokenizer.eot_id, generator=g)
+            out.append({"prompt": prompt, "seed": seed, "text": tokenizer.decode(y[0, len(ids):].tolist())})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# lm-evaluation-harness
+
+
+try:  # optional: the adapter works on plain request objects without it
+    from lm_eval.api.model import LM as _LMBase  # type: ignore
+except Exception:  # noqa: BLE001 - not installed
+    _LMBase = object
+
+
+class LMEvalAdapter(_LMBase):
+    """Our model behind lm-evaluation-harness's LM interface. Requests carry `.args`:
+
+        loglikelihood:          (context, continuation)   -> (sum log p, is_greedy)
+        loglikelihood_rolling:  (text,)                    -> sum log p of the whole text
+        generate_until:         (context, {"until": [...], "max_gen_toks": n})  -> greedy text
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 16):
+        if _LMBase is not object:
+            super().__init__()
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        pairs = []
+        for r in requests:
+            context, continuation = r.args[0], r.args[1]
+            ctx = self.tokenizer.encode_ordinary(context) if context else self._prefix()
+            pairs.append((ctx, self.tokenizer.encode_ordinary(continuation)))
+        return continuation_logprobs(self.model, pairs, self.batch_size)
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        bs = self.model.config.block_size
+        out = []
+        for r in requests:
+            toks = self.tokenizer.encode_ordinary(r.args[0])
+            prefix = self._prefix()
+            if not prefix:  # no end-of-text token: the first token is context, not scored
+                prefix, toks = toks[:1], toks[1:]
+            pairs = []
+            for i in range(0, len(toks), bs):  # disjoint windows, each conditioned on the token before it
+                ctx = prefix if i == 0 else toks[i - 1 : i]
+                pairs.append((ctx, toks[i : i + bs]))
+            out.append(sum(lp for lp, _ in continuation_logprobs(self.model, pairs, self.batch_size)))
+        return out
+
+    def generate_until(self, requests) -> list[str]:
+        device = next(self.model.parameters()).device
+        out = []
+        for r in requests:
+            context, kw = r.args[0], (r.args[1] if len(r.args) > 1 else {}) or {}
+            until = kw.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            ids = self.tokenizer.encode_ordinary(context) or self._prefix() or [0]
+            idx = torch.tensor([ids], dtype=torch.long, device=device)
+            y = self.model.generate(idx, int(kw.get("max_gen_toks", 64)), temperature=0.0, eos_id=self.tokenizer.eot_id)
+            text = self.tokenizer.decode([t for t in y[0, len(ids):].tolist() if t != self.tokenizer.eot_id])
+            cut = min([text.find(s) for s in until if s and s in text], default=len(text))
+            out.append(text[:cut])
+        return out
+
+    def _prefix(self) -> list[int]:
+        return [self.tokenizer.eot_id] if self.tokenizer.eot_id is not None else []
+
+
+# ---------------------------------------------------------------------------------------------
+# the evaluate verb
+
+
+def evaluate_checkpoint(
+    checkpoint_dir: str | Path,
+    data_dir: str | Path,
+    config=None,
+    tasks: Sequence[str] = ("val",),
+    out_file: str | Path | None = None,
+    previous: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate a model folder (final/ or a checkpoint) on `tasks`; write `out_file` (eval.json).
+
+    tasks: "val" (loss, ppl, bpb + unigram baseline), "samples", "mc:PATH.jsonl", "hellaswag".
+    `previous`: an eval.json (or a folder holding one) of the previous best model, shown beside ours.
+    """
+    from gptcore.checkpoint import load_model, model_sha256
+    from gptcore.config import Config
+    from gptcore.fileio import atomic_write_json
+
+    config = config or Config()
+    ev = config.eval
+    model, tokenizer = load_model(checkpoint_dir)
+    result: dict[str, Any] = {"checkpoint": str(checkpoint_dir), "model_sha256": model_sha256(checkpoint_dir),
+                              "params": model.num_params(), "tasks": {}}
+    for task in tasks:
+        if task == "val":
+            man = read_manifest(data_dir)
+            if man.get("tokenizer_sha256") and man["tokenizer_sha256"] != tokenizer.sha256:
+                raise DataError("the data was tokenized with a different tokenizer than the model's", str(data_dir),
+                                "evaluate on the data folder the model was trained on")
+            vm = val_metrics(model, data_dir, batch_size=8, batches=ev.batches)
+            vm["unigram_bpb"] = unigram_bpb(data_dir)
+            result["tasks"]["val"] = vm
+        elif task == "samples":
+            result["tasks"]["samples"] = samples(model, tokenizer, ev.prompts, ev.seeds, ev.sample_tokens, ev.temperature, ev.top_k)
+        elif task.startswith("mc:"):
+            result["tasks"][task] = multiple_choice(model, tokenizer, load_mc_jsonl(task[3:]))
+        elif task == "hellaswag":
+            result["tasks"]["hellaswag"] = multiple_choice(model, tokenizer, hellaswag_items())
+        else:
+            raise DataError(f"unknown evaluation task '{task}'", "--tasks", "use val, samples, mc:PATH.jsonl or hellaswag")
+    if previous is not None:
+        p = Path(previous)
+        p = p / "eval.json" if p.is_dir() else p
+        try:
+            result["previous"] = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            raise DataError("cannot read the previous best model's eval.json", str(p), "pass an eval.json written by `gptcore evaluate`") from None
+    if out_file is not None:
+        atomic_write_json(out_file, result)
+    return result
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """A small text table: our numbers beside the unigram and previous-best baselines."""
+    lines = [f"model   {result['checkpoint']}  ({result['params'] / 1e6:.2f} M params)"]
+    val = result["tasks"].get("val")
+    prev = (result.get("previous") or {}).get("tasks", {}).get("val", {})
+    if val:
+        lines += [
+            f"{'':<16}{'this model':>12}{'unigram':>12}{'previous':>12}",
+            f"{'val loss':<16}{val['val_loss']:>12.4f}{'':>12}{_fmt(prev.get('val_loss')):>12}",
+            f"{'perplexity':<16}{val['val_ppl']:>12.2f}{'':>12}{_fmt(prev.get('val_ppl'), 2):>12}",
+            f"{'bits per byte':<16}{val['val_bpb']:>12.4f}{val['unigram_bpb']:>12.4f}{_fmt(prev.get('val_bpb')):>12}",
+        ]
+    for name, r in result["tasks"].items():
+        if name.startswith("mc:") or name == "hellaswag":
+            lines.append(f"{name:<16}acc {r['acc']:.3f}  acc_norm {r['acc_norm']:.3f}  (n={r['n']})")
+    for s in result["tasks"].get("samples", []):
+        lines.append(f"sample seed={s['seed']} {s['prompt']!r}: {(s['prompt'] + s['text'])[:200]!r}")
+    return "\n".join(lines)
+
+
+def _fmt(v, digits: int = 4) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"

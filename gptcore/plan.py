@@ -1,0 +1,232 @@
+"""Will this run fit, and how long will it take? Arithmetic before a GPU-hour is spent.
+
+Memory per device, for P parameters trained with AdamW in fp32 master weights:
+
+    weights 4P + gradients 4P + AdamW moments 8P   = 16 bytes/param   (÷ world size under FSDP)
+    activations, per layer and micro-batch (Korthikanti et al. 2022, with fused attention):
+        ≈ 34 · B·T·C bytes at 2-byte activations (bf16); ×2 in fp32
+        + 5 · n_head · B·T² bytes when attention is written out (attn_impl="math")
+        activation checkpointing keeps only each block's input (2·B·T·C) plus one block in flight
+    logits: B·T·V · (act bytes + 4 fp32 for the loss + 4 its gradient)
+
+Time per optimizer step = FLOPs per token (6N + attention, `GPT.flops_per_token`) × tokens per step
+÷ (device peak × world size × an assumed 40% MFU). `plan()` then recommends the first setting that
+fits: as configured → activation checkpointing → FSDP → a smaller micro-batch with more accumulation
+(the same tokens per step). `pretrain` refuses a CUDA run that fits none of them before it starts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from gptcore.errors import ConfigError
+
+GiB = 1024**3
+ASSUMED_MFU = 0.4
+
+# name fragment -> (peak dense bf16 FLOP/s, memory GiB). Longest matching fragment wins.
+GPUS: dict[str, tuple[float, float]] = {
+    "b200": (2250e12, 180),
+    "h200": (989e12, 141),
+    "h100": (989e12, 80),  # SXM
+    "h100 pcie": (756e12, 80),
+    "h100 nvl": (835e12, 94),
+    "gh200": (989e12, 96),
+    "a100": (312e12, 80),
+    "a100-sxm4-40gb": (312e12, 40),
+    "a100-pcie-40gb": (312e12, 40),
+    "a100 40gb": (312e12, 40),
+    "l40s": (362e12, 48),
+    "l4": (121e12, 24),
+    "a10g": (70e12, 24),
+    "a10": (125e12, 24),
+    "rtx 4090": (165e12, 24),
+    "4090": (165e12, 24),
+    "rtx 3090": (71e12, 24),
+    "v100": (125e12, 32),  # fp16 (no bf16)
+    "t4": (65e12, 16),
+    "mi300x": (1307e12, 192),
+}
+
+
+def gpu_spec(name: str) -> tuple[str, float, float]:
+    """(canonical name, peak bf16 FLOP/s, memory GiB) for a GPU name such as torch reports it."""
+    low = name.lower().replace("nvidia", "").replace("_", " ").strip()
+    hits = [k for k in GPUS if k in low]
+    if not hits:
+        raise ConfigError(f"unknown GPU '{name}'", "--gpu", f"known: {', '.join(sorted(GPUS))}")
+    key = max(hits, key=len)
+    return key, *GPUS[key]
+
+
+_CPU_PEAK: dict[int, float] = {}
+
+
+def cpu_peak_flops() -> float:
+    """Measured fp32 matmul FLOP/s of this CPU at the current thread count (the achievable peak)."""
+    threads = torch.get_num_threads()
+    if threads not in _CPU_PEAK:
+        n = 512
+        a, b = torch.ones(n, n), torch.ones(n, n)  # no RNG use: training stays reproducible
+        for _ in range(2):
+            a @ b
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.2:
+            a @ b
+            reps += 1
+        _CPU_PEAK[threads] = 2 * n**3 * reps / (time.perf_counter() - t0)
+    return _CPU_PEAK[threads]
+
+
+def peak_flops(device: torch.device | str) -> float:
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return gpu_spec(torch.cuda.get_device_name(device))[1]
+        except ConfigError:
+            return 312e12
+    return cpu_peak_flops()
+
+
+def model_config(config, vocab_size: int | None = None):
+    """The GPTConfig a run builds (vocab from the argument, the config, or the tokenizer section)."""
+    from gptcore.model import GPTConfig
+
+    over = config.model.overrides()
+    if vocab_size is not None:
+        over["vocab_size"] = vocab_size
+    elif "vocab_size" not in over:
+        over["vocab_size"] = 50257 if config.tokenizer.path == "gpt2" else config.tokenizer.vocab_size
+    return GPTConfig.preset(config.model.preset, **over)
+
+
+def _memory(gcfg, P: int, B: int, T: int, world: int, act_bytes: int, ckpt: bool, fsdp: bool) -> dict[str, float]:
+    L, C, H, V = gcfg.n_layer, gcfg.n_embd, gcfg.n_head, gcfg.vocab_size
+    shard = world if fsdp else 1
+    state = {"weights": 4 * P / shard, "gradients": 4 * P / shard, "optimizer": 8 * P / shard}
+    per_layer = 17 * act_bytes * B * T * C  # 34·BTC bytes at 2-byte activations
+    if getattr(gcfg, "attn_impl", "sdpa") == "math":
+        per_layer += 2.5 * act_bytes * H * B * T * T
+    if ckpt:
+        acts = L * act_bytes * B * T * C + per_layer
+    else:
+        acts = L * per_layer
+    if fsdp:
+        acts += 2 * 4 * P / max(1, L)  # two gathered blocks in flight
+    logits = B * T * V * (act_bytes + 8)
+    state["activations"] = acts + logits
+    state["total"] = sum(state.values())
+    return state
+
+
+def plan(config, gpu: str | None = None, world_size: int = 1, vocab_size: int | None = None) -> dict[str, Any]:
+    """Parameters, memory per device, tokens/step, step time and a recommendation for a run.
+
+    `gpu` names a GPU ("H100", "A100-40GB", "RTX 4090", torch's device name...) or "cpu";
+    by default the local CUDA device when there is one, else the CPU.
+    """
+    from gptcore.model import GPT
+
+    gcfg = model_config(config, vocab_size)
+    with torch.device("meta"):
+        m = GPT(gcfg)
+    P = m.num_params()
+    fpt = float(m.flops_per_token())
+    t = config.train
+    T = t.block_size or gcfg.block_size
+    if T > gcfg.block_size:
+        raise ConfigError(f"train.block_size {T} exceeds the model's block_size {gcfg.block_size}", "train.block_size", "lower it or raise model.block_size")
+
+    if gpu is None:
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    if gpu.lower() == "cpu":
+        name, peak, mem_gib, act_bytes, mfu = "cpu", cpu_peak_flops(), _cpu_memory_gib(), 4, 0.5
+    else:
+        name, peak, mem_gib = gpu_spec(gpu)
+        act_bytes, mfu = 2, ASSUMED_MFU
+    usable = mem_gib * GiB * (0.9 if name != "cpu" else 0.7) - (1.0 * GiB if name != "cpu" else 0)
+
+    fsdp_cfg = t.fsdp if isinstance(t.fsdp, bool) else {"on": True, "off": False}.get(t.fsdp)
+    tokens_per_step = t.batch_size * T * t.grad_accum * world_size
+    configured = dict(batch_size=t.batch_size, grad_accum=t.grad_accum, fsdp=bool(fsdp_cfg) and world_size > 1,
+                      activation_checkpointing=t.activation_checkpointing)
+
+    def mem_of(c):
+        return _memory(gcfg, P, c["batch_size"], T, world_size, act_bytes, c["activation_checkpointing"], c["fsdp"])
+
+    # same tokens per step, cheapest change first: checkpointing, then FSDP, then smaller micro-batches
+    sizes = [(configured["batch_size"], configured["grad_accum"])]
+    while sizes[-1][0] > 1 and sizes[-1][0] % 2 == 0:
+        sizes.append((sizes[-1][0] // 2, sizes[-1][1] * 2))
+    ckpts = [configured["activation_checkpointing"]] + ([True] if not configured["activation_checkpointing"] else [])
+    fsdps = [configured["fsdp"]] + ([True] if world_size > 1 and fsdp_cfg is not False and not configured["fsdp"] else [])
+    candidates = [dict(batch_size=b, grad_accum=a, fsdp=f, activation_checkpointing=c)
+                  for b, a in sizes for f in fsdps for c in ckpts]
+    recommendation = next((c for c in candidates if mem_of(c)["total"] <= usable), None)
+    mem = mem_of(configured)
+
+    step_s = fpt * tokens_per_step / (peak * world_size * mfu)
+    if recommendation is not None and recommendation["activation_checkpointing"] and not configured["activation_checkpointing"]:
+        step_s *= 4 / 3  # one extra forward per step
+    notes = []
+    if recommendation is None:
+        need = mem_of({**configured, "batch_size": 1, "activation_checkpointing": True, "fsdp": world_size > 1})["total"]
+        notes.append(f"does not fit {name} ({mem_gib:.0f} GiB) even at micro-batch 1 with activation checkpointing"
+                     f" (needs {need / GiB:.1f} GiB); use more GPUs with FSDP or a bigger GPU")
+    elif recommendation != configured:
+        notes.append("the configured setting does not fit; use the recommendation (same tokens per step)")
+    return {
+        "model": gcfg.to_dict(),
+        "params": P,
+        "flops_per_token": fpt,
+        "device": name,
+        "device_memory_gib": mem_gib,
+        "world_size": world_size,
+        "tokens_per_step": tokens_per_step,
+        "memory_gib": {k: v / GiB for k, v in mem.items()},
+        "usable_gib": usable / GiB,
+        "fits": mem["total"] <= usable,
+        "step_time_s": step_s,
+        "tokens_per_s": tokens_per_step / step_s,
+        "total_hours": step_s * t.max_steps / 3600,
+        "assumed_mfu": mfu,
+        "configured": configured,
+        "recommendation": recommendation,
+        "notes": notes,
+    }
+
+
+def _cpu_memory_gib() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / GiB
+    except OSError:
+        pass
+    return 8.0
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    m = p["memory_gib"]
+    r = p["recommendation"]
+    rows = [
+        ("model", f"{p['model']['n_layer']} layers × {p['model']['n_embd']} wide, {p['model']['n_head']} heads, vocab {p['model']['vocab_size']}"),
+        ("parameters", f"{p['params'] / 1e6:,.1f} M"),
+        ("device", f"{p['world_size']} × {p['device']} ({p['device_memory_gib']:.0f} GiB, usable {p['usable_gib']:.1f})"),
+        ("tokens / step", f"{p['tokens_per_step']:,}"),
+        ("memory / device", f"{m['total']:.2f} GiB = weights {m['weights']:.2f} + grads {m['gradients']:.2f}"
+                            f" + AdamW {m['optimizer']:.2f} + activations {m['activations']:.2f}"),
+        ("fits as configured", "yes" if p["fits"] else "NO"),
+        ("step time (est.)", f"{p['step_time_s']:.3f} s at {p['assumed_mfu']:.0%} MFU, {p['tokens_per_s']:,.0f} tok/s"),
+        ("whole run (est.)", f"{p['total_hours']:.2f} h"),
+        ("recommendation", "none fits" if r is None else
+         f"batch {r['batch_size']} × accum {r['grad_accum']}, FSDP {'on' if r['fsdp'] else 'off'},"
+         f" activation checkpointing {'on' if r['activation_checkpointing'] else 'off'}"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{w}}  {v}" for k, v in rows] + [f"note: {n}" for n in p["notes"]]
+    return "\n".join(lines)
