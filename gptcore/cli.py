@@ -106,6 +106,72 @@ def _load_config(path: Optional[Path], overrides: Optional[List[str]]):
 
 
 # === section: tokenizer (issue 3) ============================================================
+tokenizer_app = typer.Typer(help="Train, use and export byte-level BPE tokenizers.", no_args_is_help=True)
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    files: List[Path] = typer.Argument(..., help="UTF-8 text files to train on."),
+    vocab_size: int = typer.Option(..., "--vocab-size", help="256 bytes + merges + special tokens."),
+    out: Path = typer.Option(..., "--out", help="Folder to write tokenizer.json into."),
+    pattern: str = typer.Option("gpt4", "--pattern", help="Split regex: gpt2, gpt4 or a regex."),
+    special: Optional[List[str]] = typer.Option(None, "--special", help="A special token (repeatable)."),
+    backend: str = typer.Option("bpe", "--backend", help="bpe (ours) or sentencepiece."),
+) -> None:
+    """Train a tokenizer on FILE... and save it to --out."""
+    from gptcore.tokenizer import ENDOFTEXT, train_files
+
+    tok = train_files(files, out, vocab_size, pattern, special or [ENDOFTEXT], backend)
+    print(f"saved {tok.vocab_size}-token {backend} tokenizer to {out}/tokenizer.json (sha256 {tok.sha256[:16]})")
+
+
+@tokenizer_app.command("encode")
+def tokenizer_encode(
+    directory: Path = typer.Argument(..., help="A saved tokenizer folder."),
+    text: str = typer.Argument(..., help="Text to encode."),
+    allowed_special: str = typer.Option("all", "--allowed-special", help="all | none | none_raise"),
+) -> None:
+    """Print the token ids of TEXT, space-separated."""
+    from gptcore.tokenizer import load_tokenizer
+
+    if allowed_special not in ("all", "none", "none_raise"):
+        fail(f"unknown --allowed-special {allowed_special!r}", "--allowed-special", "use all, none or none_raise")
+    tok = load_tokenizer(directory)
+    try:
+        ids = tok.encode(text, allowed_special=allowed_special)
+    except ValueError as exc:
+        fail(str(exc), "TEXT", "pass --allowed-special all or none")
+    print(" ".join(map(str, ids)))
+
+
+@tokenizer_app.command("decode")
+def tokenizer_decode(
+    directory: Path = typer.Argument(..., help="A saved tokenizer folder."),
+    ids: List[str] = typer.Argument(..., help="Token ids."),
+) -> None:
+    """Print the text of token IDS."""
+    from gptcore.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(directory)
+    try:
+        print(tok.decode([int(i) for i in ids]))
+    except ValueError as exc:
+        fail(str(exc), "ID", f"give integer ids in 0..{tok.vocab_size - 1}")
+
+
+@tokenizer_app.command("export-tiktoken")
+def tokenizer_export_tiktoken(
+    directory: Path = typer.Argument(..., help="A saved bpe tokenizer folder."),
+    path: Path = typer.Argument(..., help="The .tiktoken rank file to write."),
+) -> None:
+    """Write the vocabulary as a .tiktoken rank file (load it with tiktoken.load.load_tiktoken_bpe)."""
+    from gptcore.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(directory)
+    tok.save_tiktoken(path)
+    print(f"wrote {path} ({tok.vocab_size - len(tok.special_tokens)} ranks; specials {tok.special_tokens})")
+
 
 # === section: model, generate, convert (issue 4) =============================================
 
@@ -165,6 +231,34 @@ def convert_to_hf(checkpoint: Path = typer.Argument(..., help="gptcore model fol
 # === section: finetune (issue 7) =============================================================
 
 # === section: run, deploy (issue 8) ==========================================================
+
+
+@app.command("run")
+def run_cmd(
+    config: Optional[Path] = typer.Argument(Path("configs/tiny.yaml"), help="YAML config (default: configs/tiny.yaml)."),
+    until: str = typer.Option("register", "--until", help="Stop after this stage: download, train_tokenizer, "
+                              "shard, pretrain, evaluate, finetune or register."),
+    overrides: Optional[List[str]] = SetOpt,
+    refresh: bool = typer.Option(False, "--refresh", help="Recompute every stage instead of using the cache."),
+) -> None:
+    """Run the pipeline as Prefect flows tracked in MLflow: download -> tokenizer -> shards -> pretrain
+    -> evaluate -> finetune -> register. Stages whose inputs did not change are cache hits."""
+    _load_config(config, overrides)  # a bad config is one error line, before Prefect starts
+    from flows.pipeline import run_pipeline
+    from flows.runner import check_until, format_report
+
+    report = run_pipeline(str(config), overrides or [], check_until(until), refresh)
+    print(format_report(report))
+
+
+@app.command("deploy")
+def deploy_cmd(
+    pool: Optional[str] = typer.Option(None, "--pool", help="Only deployments on this work pool (default: all)."),
+) -> None:
+    """Register the deployments of prefect.yaml with the Prefect server at PREFECT_API_URL."""
+    from flows.deploy import deploy
+
+    deploy(pool)
 
 
 if __name__ == "__main__":

@@ -458,33 +458,41 @@ class SentencePieceTokenizer(_SpecialMixin):
         if vocab_size < 256 + 1 + len(specials):
             raise ConfigError(f"vocab_size {vocab_size} is below 256 bytes + <unk> + {len(specials)} special tokens",
                               "tokenizer.vocab_size", f"use at least {257 + len(specials)}")
-        seen = {"lines": 0}
+        seen = {"lines": 0, "error": None}
 
         def lines():
-            for text in iter_texts(texts):
-                for s in specials:
-                    text = text.replace(s, "\n")
-                for line in text.split("\n"):
-                    if line.strip():
-                        seen["lines"] += 1
-                        yield line[:8192]
+            try:
+                for text in iter_texts(texts):
+                    for s in specials:
+                        text = text.replace(s, "\n")
+                    for line in text.split("\n"):
+                        if line.strip():
+                            seen["lines"] += 1
+                            yield line[:8192]
+            except GptcoreError as exc:  # raised again once sentencepiece returns
+                seen["error"] = exc
 
         model = io.BytesIO()
+        devnull = open(os.devnull, "w")
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=lines(), model_writer=model, model_type="bpe", vocab_size=vocab_size,
                 byte_fallback=True, control_symbols=specials, normalization_rule_name="identity",
                 remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
-                unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, hard_vocab_limit=False, character_coverage=1.0,
-                max_sentence_length=1 << 15, num_threads=1, minloglevel=2, logstream=io.StringIO())
+                unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, hard_vocab_limit=False, character_coverage=0.9995,
+                max_sentence_length=1 << 15, num_threads=1, minloglevel=2, logstream=devnull)
         except RuntimeError as exc:
+            if seen["error"] is not None:
+                raise seen["error"] from None
             if not seen["lines"]:
                 raise DataError("no text to train the tokenizer on", "texts", "give at least one non-empty text") from None
             raise ConfigError(f"sentencepiece training failed: {exc}", "tokenizer.vocab_size",
                               "try a larger vocab_size or more text") from None
-        import sentencepiece as _spm
-
-        sp = _spm.SentencePieceProcessor(model_proto=model.getvalue())
+        finally:
+            devnull.close()
+        if seen["error"] is not None:
+            raise seen["error"]
+        sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
         return cls(model.getvalue(), {s: sp.piece_to_id(s) for s in specials})
 
     def encode_ordinary(self, text: str) -> list[int]:
@@ -700,3 +708,39 @@ def _take_bytes(texts: Iterable[str], limit: int):
             return
         used += n
         yield t
+
+
+def read_text_files(paths: Sequence[str | Path]) -> Iterable[str]:
+    """Stream the texts of `paths`, refusing a missing, empty, binary or non-UTF-8 file by name."""
+    for p in paths:
+        p = Path(p)
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            raise DataError("file not found", str(p), "check the path") from None
+        except OSError as exc:
+            raise DataError(f"cannot read file ({exc.strerror})", str(p), "check the path") from None
+        if not data.strip():
+            raise DataError("file is empty", str(p), "give files with text to train on")
+        if b"\0" in data:
+            raise DataError("file is binary (contains NUL bytes)", str(p), "give UTF-8 text files")
+        try:
+            yield data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"file is not UTF-8 text (byte {exc.start})", str(p), "give UTF-8 text files") from None
+
+
+def train_files(files: Sequence[str | Path], out_dir: str | Path, vocab_size: int, pattern: str = "gpt4",
+                special_tokens: Sequence[str] = (ENDOFTEXT,), backend: str = "bpe"):
+    """Train on text files and save to `out_dir` (created only when everything succeeded)."""
+    from gptcore.fileio import atomic_dir
+
+    if backend not in ("bpe", "sentencepiece"):
+        raise ConfigError(f"unknown backend {backend!r}", "--backend", "use bpe or sentencepiece")
+    if not files:
+        raise DataError("no input files", "FILE...", "give at least one text file")
+    cls = SentencePieceTokenizer if backend == "sentencepiece" else BPETokenizer
+    tok = cls.train(read_text_files(files), vocab_size, pattern, tuple(special_tokens))
+    with atomic_dir(out_dir) as tmp:
+        tok.save(tmp)
+    return tok
