@@ -444,7 +444,7 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     probs = F.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # mass before this token already exceeds top_p
+        drop = sorted_p.cumsum(dim=-1) - sorted_p >= top_p  # the tokens before already hold top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, num_samples=1, generator=generator)
