@@ -358,7 +358,7 @@ def finetune(config, base_dir: str | Path, out_dir: str | Path, callbacks: Itera
         emit("eval", row)
 
     # -- the loop
-    tokens, loss_acc, t_log, last_loss, step = 0, 0.0, time.time(), float("nan"), start
+    tokens, t_log, last_loss, val_now = 0, time.time(), None, None
     train_labels = [y for _, y in train_ex] if data.task == "classify" else []
     params = list(trainee.trainable().values())
     with log, progress_bar(ft.max_steps - start, "finetune", unit="step", enabled=None if tr.progress else False) as bar:
@@ -374,7 +374,7 @@ def finetune(config, base_dir: str | Path, out_dir: str | Path, callbacks: Itera
                     else:
                         loss, n = classify_loss(model, head, batch, pad_id, device)
                 (loss / ft.grad_accum).backward()
-                step_loss += float(loss) / ft.grad_accum
+                step_loss += float(loss.detach()) / ft.grad_accum
                 tokens += sum(len(ex[0]) for ex in batch)
             if not math.isfinite(step_loss):
                 raise DataError(f"loss became {step_loss} at step {step + 1}", "finetune.lr", "lower finetune.lr")
@@ -382,7 +382,6 @@ def finetune(config, base_dir: str | Path, out_dir: str | Path, callbacks: Itera
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
-            loss_acc += step_loss
             last_loss = step_loss
             bar.update(1, loss=f"{step_loss:.3f}")
             if done % ft.log_every == 0 or done == ft.max_steps:
@@ -407,7 +406,9 @@ def finetune(config, base_dir: str | Path, out_dir: str | Path, callbacks: Itera
                 emit("checkpoint", {"step": done, "path": str(path)})
 
     # -- evaluation after
-    val_after = eval_loss(trainee, val_ex, data.task, ft.batch_size, ft.eval_batches, pad_id, device, amp)
+    if val_now is None:  # the loop's last step evaluates; a run resumed at its end has not
+        val_now = eval_loss(trainee, val_ex, data.task, ft.batch_size, ft.eval_batches, pad_id, device, amp)
+    val_after = val_now
     summary: dict[str, Any] = {
         "task": data.task, "method": ft.method, "dataset": ft.dataset, "base_sha256": base_sha, "step": ft.max_steps,
         "resumed_from": start if resumed else None, "train_examples": len(train_ex), "val_examples": len(val_ex),
@@ -452,3 +453,19 @@ def finetune(config, base_dir: str | Path, out_dir: str | Path, callbacks: Itera
     atomic_write_json(out_dir / "summary.json", summary)
     emit("end", summary)
     return summary
+
+
+def format_summary(s: dict) -> str:
+    """A few lines for the terminal: losses before/after, accuracy or samples, where the outputs are."""
+    lines = [f"{s['task']} ({s['method']}) on {s['dataset']}: {s['step']} steps, "
+             f"{s['trainable_params']:,} of {s['total_params']:,} parameters trained, {s['seconds']:.0f} s",
+             f"val loss {s['val_loss_before']:.4f} -> {s['val_loss_after']:.4f}"]
+    if s["task"] == "classify":
+        lines.append(f"accuracy {s['accuracy']:.3f} vs majority-class baseline {s['majority_baseline']:.3f} "
+                     f"({s['majority_label']})")
+    for smp in s.get("samples", [])[:2]:
+        lines.append(f"  reference: {smp['reference'][:100]}\n  generated: {smp['generated'][:100]}")
+    if s.get("adapter_dir"):
+        lines.append(f"adapter: {s['adapter_dir']}")
+    lines.append(f"model:   {s['final_dir']}")
+    return "\n".join(lines)

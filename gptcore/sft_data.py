@@ -319,8 +319,9 @@ def load_sft(dataset: str, task: str = "auto", max_examples: int | None = None) 
         if len(checked) < 2:
             raise DataError(f"dataset has {len(checked)} record(s)", dataset, "give at least two records (one is kept for validation)")
         train, val, test = split_by_hash(checked)
-    if max_examples is not None:
-        train = train[:max_examples]
+    if max_examples is not None and len(train) > max_examples:  # a hash-chosen subset, in the original order
+        chosen = sorted(range(len(train)), key=lambda i: _hash(json.dumps(train[i], sort_keys=True)))[:max_examples]
+        train = [train[i] for i in sorted(chosen)]
     labels = []
     if task == "classify":
         if label_names and all(isinstance(r["label"], int) for r in train + val + test):
