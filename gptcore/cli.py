@@ -230,6 +230,21 @@ def convert_to_hf(checkpoint: Path = typer.Argument(..., help="gptcore model fol
 
 # === section: finetune (issue 7) =============================================================
 
+
+@app.command("finetune")
+def finetune_cmd(
+    config: Path = typer.Argument(..., help="YAML config; its finetune: section picks data, task, method, LoRA rank."),
+    base: Path = typer.Option(..., "--base", help="Base model folder (pretrain's final/, or `gptcore convert from-hf`)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <run.out_dir>/finetune)."),
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """Fine-tune --base (LoRA or full) for instructions or classification; run again to resume."""
+    from gptcore.finetune import finetune, format_summary
+
+    cfg = _load_config(config, overrides)
+    print(format_summary(finetune(cfg, base, out or cfg.out_dir / "finetune")))
+
+
 # === section: run, deploy (issue 8) ==========================================================
 
 
