@@ -39,10 +39,11 @@ _CSHIFT = 40  # heap key = pair - (count << 40)
 _PMASK = (1 << _CSHIFT) - 1
 
 
-def count_chunks(texts: Iterable[str], split, specials: Iterable[str] = ()) -> Counter:
+def count_chunks(texts: Iterable[str], split, specials: Iterable[str] = (), progress=None) -> Counter:
     """Count the regex chunks of a stream of texts: {chunk string: occurrences}.
 
     `split` is a compiled pattern; special-token texts are cut out first so they are never learned.
+    `progress(n)` is called with each text's length in characters.
 
         >>> count_chunks(["ab ab"], regex.compile(r" ?\\w+"))
         Counter({'ab': 1, ' ab': 1})
@@ -57,6 +58,8 @@ def count_chunks(texts: Iterable[str], split, specials: Iterable[str] = ()) -> C
                 parts = [q for p in parts for q in p.split(s)]
         for part in parts:
             counts.update(findall(part))
+        if progress is not None:
+            progress(len(text))
     return counts
 
 

@@ -222,7 +222,8 @@ class BPETokenizer(_SpecialMixin):
         if num_merges >= (1 << 20) - 256:
             raise ConfigError(f"vocab_size {vocab_size} is too large", "tokenizer.vocab_size", "use < 1048000")
         pat = resolve_pattern(pattern)
-        counts = count_chunks(iter_texts(texts), regex.compile(pat), specials)
+        with progress_bar(None, "counting chunks", unit="char", enabled=progress) as bar:
+            counts = count_chunks(iter_texts(texts), regex.compile(pat), specials, progress=bar.update)
         if not counts:
             raise DataError("no text to train the tokenizer on", "texts", "give at least one non-empty text")
         with progress_bar(num_merges, "bpe merges", unit="merge", enabled=progress) as bar:
@@ -587,6 +588,8 @@ def _encode_batch(tok, texts: list[str], num_threads: int | None, allowed_specia
     import multiprocessing as mp
 
     n = min(num_threads or os.cpu_count() or 1, len(texts))
+    if num_threads is None and mp.parent_process() is not None:
+        n = 1  # already inside a worker process (e.g. data sharding): do not nest pools by default
     if n <= 1 or sum(map(len, texts)) < _PARALLEL_MIN_CHARS or mp.current_process().daemon:
         return [tok.encode(t, allowed_special) for t in texts]
     from concurrent.futures import ProcessPoolExecutor

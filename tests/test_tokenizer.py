@@ -223,3 +223,35 @@ def test_to_tiktoken_and_save_tiktoken(tmp_path, cl100k_pair, cl100k_file):
     assert enc.encode(text) == ref.encode(text)
     out = ours.save_tiktoken(tmp_path / "x.tiktoken")
     assert load_tiktoken_bpe(str(out)) == load_tiktoken_bpe(str(cl100k_file))
+
+
+def _stdlib_texts(limit_bytes):
+    import glob
+    import os
+    import sysconfig
+
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py"), recursive=True))
+    out, n = [], 0
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            out.append(fh.read())
+        n += len(out[-1])
+        if n > limit_bytes:
+            break
+    return out
+
+
+@pytest.mark.slow
+def test_stdlib_corpus_equals_tiktoken(gpt2_pair, cl100k_pair):
+    texts = _stdlib_texts(5_000_000)
+    for ours, ref in (gpt2_pair, cl100k_pair):
+        for t in texts:
+            assert ours.encode_ordinary(t) == ref.encode_ordinary(t)
+
+
+@pytest.mark.slow
+@settings(max_examples=3000, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(_texts, st.text(alphabet=st.characters(codec="utf-8"), max_size=300)))
+def test_fuzz_long_both_equal_tiktoken(gpt2_pair, cl100k_pair, text):
+    for ours, ref in (gpt2_pair, cl100k_pair):
+        assert ours.encode(text, allowed_special="all") == ref.encode(text, allowed_special="all")

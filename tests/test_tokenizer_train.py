@@ -136,3 +136,15 @@ def test_training_is_deterministic():
     a = BPETokenizer.train(corpus, 400)
     b = BPETokenizer.train(list(reversed(corpus)), 400)
     assert a.merges == b.merges and a.sha256 == b.sha256
+
+
+@pytest.mark.slow
+def test_merges_equal_naive_on_larger_corpus():
+    import glob
+    import os
+    import sysconfig
+
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "json", "*.py")))
+    texts = [open(f, encoding="utf-8").read() for f in files]
+    tok = BPETokenizer.train(texts, vocab_size=256 + 300 + 1, pattern="gpt2")
+    assert tok.merges == naive_train(texts, 300, PATTERNS["gpt2"])
