@@ -1,0 +1,17 @@
+"""The pipeline's Prefect tasks and MLflow helpers — the only place (with `flows/`) that imports them.
+
+Importing this package first sets the offline defaults, so neither Prefect nor MLflow tries to
+phone home and a busy 2-core machine still gets its temporary Prefect server up in time.
+"""
+
+import os
+
+OFFLINE_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+}
+for _k, _v in OFFLINE_DEFAULTS.items():
+    os.environ.setdefault(_k, _v)

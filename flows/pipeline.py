@@ -1,0 +1,67 @@
+"""The gptcore pipeline, as Prefect flows — read `pipeline` below as the table of contents.
+
+    download -> train_tokenizer -> shard -> pretrain -> evaluate -> finetune -> register
+
+Each stage is a cached task (tasks/stages.py) keyed by content (tasks/caching.py), logged as a
+nested MLflow run under one "pipeline" run (tasks/tracking.py). `pretrain_flow`, `evaluate_flow`
+and `finetune_flow` are sub-flows: the pipeline calls them, and each can be called on its own with
+a `ctx` and the upstream results. `gptcore run` calls `run_pipeline`; deployments (prefect.yaml)
+run `pipeline` on a worker.
+"""
+
+from __future__ import annotations
+
+import tasks  # noqa: F401  (offline defaults before prefect/mlflow)
+from prefect import flow
+
+from flows.runner import PipelineRun, check_until, quiet_prefect, run_stage
+from gptcore.config import load_config
+from tasks.stages import download, evaluate, finetune, pretrain, register, shard, train_tokenizer
+
+
+@flow(name="gptcore-pipeline")
+def pipeline(config_path: str = "configs/tiny.yaml", overrides: list[str] | None = None,
+             until: str = "register", refresh: bool = False) -> dict:
+    """The whole chain on one config; stops after `until`; `refresh` recomputes every stage."""
+    cfg = load_config(config_path, overrides or [])
+    with PipelineRun(cfg, check_until(until), refresh, config_path) as run:
+        corpus = run.stage("download", download)
+        tokenizer = run.stage("train_tokenizer", train_tokenizer, corpus=corpus)
+        shards = run.stage("shard", shard, corpus=corpus, tokenizer=tokenizer)
+        model = run.subflow(pretrain_flow, shards=shards)
+        scores = run.subflow(evaluate_flow, model=model, shards=shards)
+        tuned = run.subflow(finetune_flow, model=model)
+        run.stage("register", register, models={
+            "gptcore-pretrained": (dict(model, val_bpb=scores["val_bpb"]), "val_bpb"),  # gate: eval bpb
+            "gptcore-finetuned": (tuned, "val_loss_after"),    # gate: fine-tuning validation loss
+        })
+    return run.report()
+
+
+@flow(name="pretrain")
+def pretrain_flow(ctx: dict, shards: dict) -> dict:
+    """Pre-train the model on prepared shards (resumes from the newest checkpoint on retry)."""
+    return run_stage(ctx, "pretrain", pretrain, shards=shards)
+
+
+@flow(name="evaluate")
+def evaluate_flow(ctx: dict, model: dict, shards: dict) -> dict:
+    """Validation loss / bits per byte vs the unigram baseline, and sample generations."""
+    return run_stage(ctx, "evaluate", evaluate, model=model, shards=shards)
+
+
+@flow(name="finetune")
+def finetune_flow(ctx: dict, model: dict) -> dict:
+    """LoRA fine-tuning of the pre-trained model on `finetune.dataset`."""
+    return run_stage(ctx, "finetune", finetune, model=model)
+
+
+def run_pipeline(config_path: str, overrides: list[str] | None = None, until: str = "register",
+                 refresh: bool = False, quiet: bool = True) -> dict:
+    """Run `pipeline` here (a temporary Prefect server unless PREFECT_API_URL is set); the report.
+
+    `quiet`: Prefect's console shows warnings only, and no tracebacks for user errors.
+    """
+    if quiet:
+        quiet_prefect()
+    return pipeline(config_path=config_path, overrides=list(overrides or []), until=until, refresh=refresh)

@@ -1,0 +1,221 @@
+"""How the pipeline runs one stage: key, lock, Prefect task (cache hit or work), MLflow run, summary row.
+
+    key    = stage_key(stage, config, sha256 of every upstream result passed in)
+    lock   = stage_lock(store, stage, key)           # a concurrent run waits here, then hits the cache
+    state  = task(..., return_state=True)             # Prefect: "Cached" or computed
+    MLflow = nested run "stage" under the pipeline run: key metrics, cached?, where its artifacts are
+
+`ctx` is a plain dict (config, store, MLflow ids) so sub-flows can take it as a parameter.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import tasks  # noqa: F401  (offline defaults first)
+from prefect.runtime import flow_run
+
+from gptcore.config import Config, config_from_dict
+from gptcore.errors import GptcoreError
+from tasks import tracking
+from tasks.caching import STAGES, stage_key, stage_lock, store_root
+
+
+class Reached(Exception):
+    """Raised after the `--until` stage; the pipeline run ends there, successfully."""
+
+
+def _flow_run_id() -> str:
+    return str(flow_run.get_id() or "")
+
+
+def _numbers(d: dict) -> dict[str, float]:
+    return {k: v for k, v in d.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def _outputs_exist(result: dict) -> bool:
+    return all(Path(result[k]).exists() for k in ("path", "dir") if isinstance(result.get(k), str))
+
+
+def _key_metric(stage: str, r: dict) -> str:
+    """One human-readable figure per stage for the summary table."""
+    def f(k: str, fmt: str = "{:.4f}") -> str:
+        return fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "?"
+
+    return {
+        "download": lambda: f"{f('bytes', '{:,}')} bytes, {f('documents', '{:,}')} docs",
+        "train_tokenizer": lambda: f"vocab {f('vocab_size', '{:,}')}",
+        "shard": lambda: f"{f('train_tokens', '{:,}')} train / {f('val_tokens', '{:,}')} val tokens",
+        "pretrain": lambda: f"val bpb {f('val_bpb')}, train loss {f('train_loss')}",
+        "evaluate": lambda: f"val bpb {f('val_bpb')} vs unigram {f('unigram_bpb')}",
+        "finetune": lambda: f"val loss {f('val_loss_before')} -> {f('val_loss_after')}"
+                            + (f", acc {f('accuracy')}" if "accuracy" in r else ""),
+        "register": lambda: "; ".join(r.get("decisions", [])) or r.get("skipped", ""),
+    }[stage]()
+
+
+def run_stage(ctx: dict, stage: str, fn: Callable, **inputs: Any) -> dict:
+    """Run `fn` (a task from tasks.stages) as `stage`; returns its result plus `_row` for the summary."""
+    cfg = config_from_dict(ctx["cfg"])
+    cached_task = stage != "register"
+    key = stage_key(stage, cfg, *(v["sha256"] for v in inputs.values() if isinstance(v, dict) and "sha256" in v)) \
+        if cached_task else "registry"
+    c = tracking.client(ctx["uri"]) if ctx.get("uri") else None
+    run_id = None
+    if c is not None:
+        run_id = tracking.start_run(c, ctx["experiment_id"], stage, parent=ctx["parent_run_id"],
+                                    tags={"prefect.flow_run_id": _flow_run_id(), "gptcore.stage": stage, "gptcore.cache_key": key})
+    kwargs = dict(cfg=ctx["cfg"], track={"uri": ctx["uri"], "run_id": run_id} if run_id else None, **inputs)
+    if cached_task:
+        kwargs.update(key=key, store=ctx["store"])
+
+    def call(refresh: bool) -> tuple[dict, bool]:
+        opts = dict(result_storage=Path(ctx["store"]) / "results", refresh_cache=refresh) if cached_task else {}
+        state = fn.with_options(**opts)(**kwargs, return_state=True)
+        return state.result(), state.name == "Cached"
+
+    t0 = time.perf_counter()
+    try:
+        with stage_lock(ctx["store"], stage, key):
+            result, cached = call(ctx["refresh"])
+            if cached and not _outputs_exist(result):  # a cache entry whose files were deleted
+                result, cached = call(True)
+    except BaseException as exc:
+        if c is not None:
+            c.set_terminated(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
+        raise
+    seconds = time.perf_counter() - t0
+    if c is not None:
+        nums = _numbers(result)
+        tracking.log_metrics(c, run_id, {**nums, "seconds": seconds})
+        tracking.set_tags(c, run_id, {"gptcore.cached": str(cached).lower(),
+                                      "gptcore.source_run_id": result.get("run_id") or ""})
+        tracking.log_metrics(c, ctx["parent_run_id"], {f"{stage}.{k}": v for k, v in {**nums, "seconds": seconds}.items()})
+        c.set_terminated(run_id, "FINISHED")
+    if stage == "register":  # nothing new registered = the registry already had these models
+        cached = result.get("new_versions", 1) == 0
+    row = {"stage": stage, "status": "cached" if cached else "computed", "seconds": round(seconds, 2),
+           "metric": _key_metric(stage, result), "run_id": run_id}
+    print(f"[gptcore] {stage}: {row['status']} in {seconds:.1f}s — {row['metric']}", file=sys.stderr, flush=True)
+    return {**result, "_row": row}
+
+
+class PipelineRun:
+    """The parent MLflow run of one pipeline run, the summary rows, and the `--until` stop.
+
+        with PipelineRun(cfg, until, refresh) as run:
+            corpus = run.stage("download", download)
+            ...
+        report = run.report()
+    """
+
+    def __init__(self, cfg: Config, until: str = "register", refresh: bool = False, config_path: str = ""):
+        self.until, self.rows = until, []
+        uri = tracking.tracking_uri(cfg) if cfg.tracking.enabled else None
+        self.ctx = {"cfg": cfg.to_dict(), "store": str(store_root(cfg)), "refresh": refresh, "uri": uri,
+                    "experiment": cfg.tracking.experiment or cfg.run.name, "experiment_id": None, "parent_run_id": None}
+        self.c = tracking.client(uri) if uri else None
+        self.config_path, self.cfg = config_path, cfg
+
+    def __enter__(self) -> "PipelineRun":
+        if self.c is not None:
+            exp = tracking.experiment_id(self.c, self.ctx["experiment"])
+            run_id = tracking.start_run(self.c, exp, "pipeline", tags={
+                "prefect.flow_run_id": _flow_run_id(), "gptcore.config_path": self.config_path,
+                "gptcore.until": self.until, "gptcore.refresh": str(self.ctx["refresh"]).lower()})
+            tracking.log_params(self.c, run_id, self.cfg.flat())
+            self.ctx.update(experiment_id=exp, parent_run_id=run_id)
+        return self
+
+    def stage(self, stage: str, fn: Callable, **inputs: Any) -> dict:
+        return self.record(run_stage(self.ctx, stage, fn, **inputs))
+
+    def subflow(self, flow_fn: Callable, **inputs: Any) -> dict:
+        return self.record(flow_fn(ctx=self.ctx, **inputs))
+
+    def record(self, result: dict) -> dict:
+        row = result.pop("_row")
+        self.rows.append(row)
+        if row["stage"] == self.until:
+            raise Reached(row["stage"])
+        return result
+
+    def __exit__(self, etype, exc, tb) -> bool:
+        if self.c is not None:
+            run_id = self.ctx["parent_run_id"]
+            if etype is None or etype is Reached:
+                self.c.log_text(run_id, summary_markdown(self.rows), "summary.md")
+                self.c.set_terminated(run_id, "FINISHED")
+            else:
+                self.c.set_terminated(run_id, "FAILED" if issubclass(etype, Exception) else "KILLED")
+        return etype is Reached
+
+    def report(self) -> dict:
+        return {"rows": self.rows, "uri": self.ctx["uri"], "experiment": self.ctx["experiment"],
+                "experiment_id": self.ctx["experiment_id"], "run_id": self.ctx["parent_run_id"],
+                "store": self.ctx["store"]}
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    out = "| stage | status | seconds | key metric |\n|---|---|---:|---|\n"
+    return out + "".join(f"| {r['stage']} | {r['status']} | {r['seconds']:.1f} | {r['metric']} |\n" for r in rows)
+
+
+def check_until(until: str) -> str:
+    if until not in STAGES:
+        from gptcore.errors import ConfigError
+
+        raise ConfigError(f"unknown stage '{until}'", "--until", f"stages: {', '.join(STAGES)}")
+    return until
+
+
+def format_report(report: dict) -> str:
+    """The summary table `gptcore run` ends with, and where to look in MLflow."""
+    rows = report["rows"]
+    w = max([len(r["stage"]) for r in rows] + [5])
+    lines = [f"{'stage':<{w}}  {'status':<8}  {'time':>7}  key metric"]
+    lines += [f"{r['stage']:<{w}}  {r['status']:<8}  {r['seconds']:>6.1f}s  {r['metric']}" for r in rows]
+    total = sum(r["seconds"] for r in rows)
+    lines.append(f"{'total':<{w}}  {'':<8}  {total:>6.1f}s")
+    if report.get("uri"):
+        lines += [
+            "",
+            f"MLflow: experiment '{report['experiment']}', run {report['run_id']} (store {report['uri']})",
+            f"  look at it:  make ui   (or: mlflow ui --backend-store-uri {report['uri']})",
+            f"  then open    http://127.0.0.1:5000/#/experiments/{report['experiment_id']}/runs/{report['run_id']}",
+        ]
+    lines.append(f"artifacts and cache: {report['store']}")
+    return "\n".join(lines)
+
+
+class _HideUserErrors(logging.Filter):
+    """Drop Prefect's log records about a GptcoreError: the CLI prints that error as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, GptcoreError):
+            return False
+        if record.levelno >= logging.ERROR:
+            msg = record.getMessage()
+            return not any(f"{n}(" in msg or f"{n}:" in msg for n in _user_error_names())
+        return True
+
+
+def _user_error_names(cls: type = GptcoreError) -> set[str]:
+    return {cls.__name__}.union(*(_user_error_names(s) for s in cls.__subclasses__()))
+
+
+def quiet_prefect(level: int = logging.WARNING) -> None:
+    """Console: Prefect's warnings only (our own per-stage lines show progress), user errors hidden."""
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+    logging.getLogger("prefect").setLevel(level)
+    for h in logging.getLogger().handlers:
+        h.addFilter(_HideUserErrors())

@@ -1,0 +1,250 @@
+"""The seven pipeline stages as Prefect tasks: inputs in, a small result out, the work in `gptcore`.
+
+    download -> train_tokenizer -> shard -> pretrain -> evaluate -> finetune -> register
+
+Every task gets the config (as a dict), its content `key` (see `tasks.caching.stage_key`), the
+result store, the upstream results it reads, and `track` = {"uri", "run_id"} of the MLflow run to
+log into (None when tracking is off). It returns a JSON-able dict of paths, sha256s and metrics;
+Prefect persists that dict under the key, so a later run with the same key skips the work.
+
+Results name the MLflow run that computed them (`run_id`), so a cached stage can point at the
+run holding its artifacts instead of uploading them again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import tasks  # noqa: F401  (offline defaults first)
+from prefect import task
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.tasks import exponential_backoff
+
+from gptcore.config import config_from_dict
+from gptcore.errors import CheckpointError, DataError, GptcoreError
+from gptcore.fileio import atomic_dir, atomic_write_text, sha256_file
+from tasks import tracking
+from tasks.caching import artifact_dir
+
+# The key is computed by the flow from content hashes; Prefect adds the task's own source.
+BY_CONTENT = CachePolicy.from_cache_key_fn(lambda ctx, params: params["key"]) + TASK_SOURCE
+CACHED = dict(cache_policy=BY_CONTENT, persist_result=True, result_serializer="json")
+
+
+def _retry_unless_user_error(task, task_run, state) -> bool:
+    """Retry crashes and flaky I/O, never a GptcoreError: bad input stays bad."""
+    try:
+        state.result()
+    except GptcoreError:
+        return False
+    except BaseException:
+        return True
+    return True
+
+
+def _client(track: dict | None):
+    return (tracking.client(track["uri"]), track["run_id"]) if track else (None, None)
+
+
+def _log_artifact(track: dict | None, path: str | Path, artifact_path: str | None = None) -> None:
+    c, run_id = _client(track)
+    if c is None or not Path(path).exists():
+        return
+    if Path(path).is_dir():
+        c.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        c.log_artifact(run_id, str(path), artifact_path)
+
+
+def _verified(path: str | Path, sha256: str, what: str) -> Path:
+    """`path`, after checking that it still holds the bytes the upstream stage produced."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} is missing", str(path), "rerun with --refresh to rebuild it")
+    if sha256_file(path) != sha256:
+        raise DataError(f"{what} changed since it was made (sha256 mismatch)", str(path), "rerun with --refresh to rebuild it")
+    return path
+
+
+def _numbers(d: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@task(name="download", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
+      retry_condition_fn=_retry_unless_user_error, **CACHED)
+def download(cfg: dict, key: str, store: str, track: dict | None = None) -> dict:
+    """The capped corpus as JSONL ({"text": ...} per document)."""
+    from gptcore import data
+
+    config = config_from_dict(cfg)
+    out = artifact_dir(store, "download", key) / "corpus.jsonl"
+    info = data.download(config.data, out)
+    return {"path": str(info["path"]), "sha256": info["sha256"], "bytes": info["bytes"],
+            "documents": info["documents"], "run_id": track and track["run_id"]}
+
+
+@task(name="train_tokenizer", **CACHED)
+def train_tokenizer(cfg: dict, key: str, store: str, corpus: dict, track: dict | None = None) -> dict:
+    """Train the BPE (or sentencepiece) tokenizer on the corpus — or load `tokenizer.path`."""
+    from gptcore import data, tokenizer as tk
+
+    config = config_from_dict(cfg)
+    section = config.tokenizer
+    if section.path == "gpt2":
+        tok = tk.gpt2_tokenizer()
+    elif section.path:
+        tok = tk.load_tokenizer(section.path)
+    else:
+        texts = data.read_jsonl_documents(_verified(corpus["path"], corpus["sha256"], "corpus"))
+        tok = tk.train_tokenizer(texts, section)
+    out = artifact_dir(store, "train_tokenizer", key)
+    with atomic_dir(out) as tmp:
+        tok.save(tmp)
+    _log_artifact(track, out / "tokenizer.json", "tokenizer")
+    return {"dir": str(out), "sha256": tok.sha256, "vocab_size": tok.vocab_size, "run_id": track and track["run_id"]}
+
+
+@task(name="shard", **CACHED)
+def shard(cfg: dict, key: str, store: str, corpus: dict, tokenizer: dict, track: dict | None = None) -> dict:
+    """Tokenize the corpus into train/val shards; the folder also carries its tokenizer."""
+    from gptcore import data, tokenizer as tk
+
+    config = config_from_dict(cfg)
+    tok = tk.load_tokenizer(tokenizer["dir"])
+    if tok.sha256 != tokenizer["sha256"]:
+        raise CheckpointError("tokenizer changed since it was trained", tokenizer["dir"], "rerun with --refresh")
+    docs = data.read_jsonl_documents(_verified(corpus["path"], corpus["sha256"], "corpus"))
+    out = artifact_dir(store, "shard", key)
+    with atomic_dir(out) as tmp:
+        manifest = data.prepare_shards(docs, tok, tmp, shard_tokens=config.data.shard_tokens,
+                                       val_fraction=config.data.val_fraction, num_proc=config.data.num_proc,
+                                       source=config.data.source)
+        if not (tmp / "tokenizer" / "tokenizer.json").exists():
+            tok.save(tmp / "tokenizer")
+    _log_artifact(track, out / "manifest.json")
+    return {"dir": str(out), "sha256": sha256_file(out / "manifest.json"),
+            "train_tokens": manifest["train"]["tokens"], "val_tokens": manifest["val"]["tokens"],
+            "run_id": track and track["run_id"]}
+
+
+def _model_result(summary: dict, track: dict | None, out: Path, extra: dict) -> dict:
+    from gptcore.checkpoint import model_sha256
+    from gptcore.metrics import read_metrics
+
+    final = Path(summary["final_dir"])
+    rows = read_metrics(out / "metrics.jsonl")
+    plot = tracking.plot_curves(rows, out / "loss.png", title=out.parent.name)
+    _log_artifact(track, final, "model")
+    if plot:
+        _log_artifact(track, plot)
+    result = {k: v for k, v in _numbers(summary).items()}
+    result.update(dir=str(final), sha256=model_sha256(final), run_id=track and track["run_id"], **extra)
+    return result
+
+
+@task(name="pretrain", retries=1, retry_condition_fn=_retry_unless_user_error, **CACHED)
+def pretrain(cfg: dict, key: str, store: str, shards: dict, track: dict | None = None) -> dict:
+    """Pre-train in a stable folder per key: a retry resumes from its newest checkpoint."""
+    from gptcore import train
+
+    config = config_from_dict(cfg)
+    _verified(Path(shards["dir"]) / "manifest.json", shards["sha256"], "shard manifest")
+    out = artifact_dir(store, "pretrain", key)
+    c, run_id = _client(track)
+    buf = tracking.MetricBuffer(c, run_id, every=config.tracking.log_every)
+    summary = train.pretrain(config, shards["dir"], out, callbacks=[buf])
+    buf.flush()
+    return _model_result(summary, track, out, {})
+
+
+@task(name="evaluate", **CACHED)
+def evaluate(cfg: dict, key: str, store: str, model: dict, shards: dict, track: dict | None = None) -> dict:
+    """Validation loss and bits per byte against the unigram baseline, plus sample generations."""
+    from gptcore import evaluate as ev
+
+    config = config_from_dict(cfg)
+    out = artifact_dir(store, "evaluate", key)
+    with atomic_dir(out) as tmp:
+        res = ev.evaluate_checkpoint(model["dir"], shards["dir"], config=config, tasks=tuple(config.eval.tasks),
+                                     out_file=tmp / "eval.json")
+        baseline = ev.unigram_bpb(shards["dir"])
+        samples = res.get("samples") or []
+        texts = [s if isinstance(s, str) else s.get("text", str(s)) for s in samples]
+        atomic_write_text(tmp / "samples.txt", "\n\n---\n\n".join(texts) + "\n")
+        atomic_write_text(tmp / "eval.md", _eval_table(res, baseline))
+    for name in ("eval.json", "eval.md", "samples.txt"):
+        _log_artifact(track, out / name)
+    result = _numbers(res)
+    result.update(unigram_bpb=baseline, dir=str(out), run_id=track and track["run_id"])
+    if "val_bpb" in result:
+        result["bpb_vs_unigram"] = result["val_bpb"] / baseline
+    return result
+
+
+def _eval_table(res: dict, baseline: float) -> str:
+    rows = [("unigram baseline bpb", f"{baseline:.4f}")]
+    rows += [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in _numbers(res).items()]
+    return "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+
+
+@task(name="finetune", retries=1, retry_condition_fn=_retry_unless_user_error, **CACHED)
+def finetune(cfg: dict, key: str, store: str, model: dict, track: dict | None = None) -> dict:
+    """LoRA (or full) fine-tuning of the pre-trained model, resumable in its stable folder."""
+    from gptcore import finetune as ft
+
+    config = config_from_dict(cfg)
+    out = artifact_dir(store, "finetune", key)
+    c, run_id = _client(track)
+    buf = tracking.MetricBuffer(c, run_id, every=config.tracking.log_every)
+    summary = ft.finetune(config, model["dir"], out, callbacks=[buf])
+    buf.flush()
+    samples = summary.get("samples")
+    if samples:
+        atomic_write_text(out / "samples.txt", "\n\n---\n\n".join(map(str, samples)) + "\n")
+        _log_artifact(track, out / "samples.txt")
+    if summary.get("adapter_dir"):
+        _log_artifact(track, summary["adapter_dir"], "adapter")
+    return _model_result(summary, track, out, {"task": str(summary.get("task", ""))})
+
+
+@task(name="register")
+def register(cfg: dict, models: dict[str, dict], track: dict | None = None) -> dict:
+    """Register each model as a version (alias `candidate`) and run the promotion gate.
+
+    `models` maps registered-model name -> (result of its stage, gate metric). Not cached: the
+    registry itself is the state; a model already registered (same sha256) is reused, not duplicated.
+    """
+    c, run_id = _client(track)
+    if c is None:
+        return {"skipped": "tracking disabled"}
+    out: dict[str, Any] = {"run_id": run_id, "new_versions": 0}
+    decisions = []
+    for name, (res, metric) in models.items():
+        source = _model_source(c, res, track)
+        value = float(res[metric])
+        version, new = tracking.register_version(c, name, source, res.get("run_id") or run_id, res["sha256"], metric, value)
+        promoted, reason = tracking.promotion_gate(c, name, version, metric, value)
+        out[f"{name}.version"] = int(version)
+        out["new_versions"] += int(new)
+        decisions.append(f"{name} v{version}: {reason}")
+    text = "\n".join(decisions) + "\n"
+    c.log_text(run_id, text, "promotion.txt")
+    tracking.set_tags(c, run_id, {"promotion": text.strip()[:5000]})
+    out["decisions"] = decisions
+    return out
+
+
+def _model_source(c, res: dict, track: dict) -> str:
+    """The artifact URI of a model folder: where its stage logged it, else log it here now."""
+    if res.get("run_id"):
+        try:
+            return c.get_run(res["run_id"]).info.artifact_uri + "/model"
+        except Exception:
+            pass  # that run is not in this tracking store
+    sub = f"model-{res['sha256'][:12]}"
+    c.log_artifacts(track["run_id"], res["dir"], sub)
+    return c.get_run(track["run_id"]).info.artifact_uri + "/" + sub

@@ -1,0 +1,193 @@
+"""MLflow for the pipeline: runs, batched metrics, plots, and the model registry's promotion gate.
+
+Layout of one pipeline run in MLflow:
+
+    experiment <config name>
+      run "pipeline"                 params: the whole config, flattened; key metrics of every stage
+        run "download" ... "register"  one nested run per stage (tag mlflow.parentRunId)
+
+Every run carries the Prefect flow-run id as tag `prefect.flow_run_id`. MLflow's "active run" is
+per thread and Prefect runs tasks wherever it likes, so nothing here uses `mlflow.start_run`:
+run ids are passed around explicitly and everything goes through one `MlflowClient`.
+
+Per-step training metrics arrive through the engines' callbacks `cb(event, row)` and are buffered:
+one `log_batch` call per `tracking.log_every` rows keeps tracking under a few % of training time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import tasks  # noqa: F401  (offline defaults first)
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from gptcore.config import Config
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri(cfg: Config) -> str:
+    """`tracking.tracking_uri`, else $MLFLOW_TRACKING_URI, else MLflow's default sqlite file (absolute)."""
+    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(c: MlflowClient, name: str) -> str:
+    """Get or create the experiment `name` (safe when two runs create it at the same time)."""
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name)
+    except MlflowException:
+        return c.get_experiment_by_name(name).experiment_id
+
+
+def start_run(c: MlflowClient, exp_id: str, name: str, parent: str | None = None, tags: dict | None = None) -> str:
+    tags = {k: str(v) for k, v in (tags or {}).items()}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    return c.create_run(exp_id, run_name=name, tags=tags).info.run_id
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def log_params(c: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        c.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(c: MlflowClient, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
+    """Log the finite numbers of `metrics` (others are skipped) in one call."""
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if _finite(v)]
+    if items:
+        c.log_batch(run_id, metrics=items)
+
+
+def set_tags(c: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
+    c.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+class MetricBuffer:
+    """An engine callback `cb(event, row)` that batches "log"/"eval" rows into MLflow metrics.
+
+        buf = MetricBuffer(client, run_id, every=10)
+        pretrain(cfg, data_dir, out_dir, callbacks=[buf])   # rows -> log_batch every 10 rows
+        buf.flush()
+
+    Every finite number of a row except `step` becomes a metric at that step. `rows` keeps what was
+    seen (for the loss-curve plot).
+    """
+
+    def __init__(self, c: MlflowClient | None, run_id: str | None, every: int = 10):
+        self.c, self.run_id, self.every = c, run_id, every
+        self.pending: list[Metric] = []
+        self.rows: list[tuple[str, dict]] = []
+        self.n_rows = 0
+
+    def __call__(self, event: str, row: dict) -> None:
+        if event not in ("log", "eval"):
+            if event == "end":
+                self.flush()
+            return
+        self.rows.append((event, dict(row)))
+        step, ts = int(row.get("step", 0)), int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), ts, step) for k, v in row.items() if k != "step" and _finite(v)]
+        self.n_rows += 1
+        if self.n_rows % self.every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.c is not None and self.run_id and self.pending:
+            for i in range(0, len(self.pending), 1000):  # MLflow's per-batch metric limit
+                self.c.log_batch(self.run_id, metrics=self.pending[i : i + 1000])
+        self.pending = []
+
+
+def plot_curves(rows: list[dict], path: str | Path, title: str = "loss") -> Path | None:
+    """Training loss (and validation loss where present) against step, as a PNG. None if no rows."""
+    train = [(r["step"], r["loss"]) for r in rows if _finite(r.get("loss"))]
+    val = [(r["step"], r["val_loss"]) for r in rows if _finite(r.get("val_loss"))]
+    if not train and not val:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# the model registry
+
+
+def register_version(c: MlflowClient, name: str, source: str, run_id: str, sha256: str, metric: str, value: float) -> tuple[str, bool]:
+    """A version of registered model `name` for the weights `sha256`: reused if it exists (→ False)."""
+    try:
+        c.create_registered_model(name, description="gptcore models; alias champion = best so far")
+    except MlflowException:
+        pass  # already exists
+    for mv in c.search_model_versions(f"name='{name}'"):
+        if mv.tags.get("model_sha256") == sha256:
+            return str(mv.version), False
+    mv = c.create_model_version(name, source=source, run_id=run_id, tags={"model_sha256": sha256, metric: repr(value)})
+    return str(mv.version), True
+
+
+def promotion_gate(c: MlflowClient, name: str, version: str, metric: str, value: float) -> tuple[bool, str]:
+    """Move alias `champion` to `version` only if its `metric` (lower is better) beats the champion's.
+
+    `candidate` always points at the newest version. Returns (promoted, reason); the reason is also
+    written as tag `promotion` on the version.
+    """
+    c.set_registered_model_alias(name, "candidate", version)
+    try:
+        champ = c.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        champ = None
+    if champ is None:
+        promoted, reason = True, f"promoted: first champion ({metric}={value:.4f})"
+    elif str(champ.version) == str(version):
+        promoted, reason = False, f"kept: version {version} is already champion ({metric}={value:.4f})"
+    else:
+        best = float(champ.tags.get(metric, "inf"))
+        promoted = value < best
+        verb = "promoted" if promoted else "kept champion"
+        sign = "<" if promoted else ">="
+        reason = f"{verb}: {metric} {value:.4f} {sign} champion v{champ.version}'s {best:.4f}"
+    if promoted:
+        c.set_registered_model_alias(name, "champion", version)
+    c.set_model_version_tag(name, version, "promotion", reason)
+    return promoted, reason
