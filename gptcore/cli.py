@@ -262,7 +262,7 @@ def run_cmd(
     from flows.pipeline import run_pipeline
     from flows.runner import check_until, format_report
 
-    report = run_pipeline(str(config), overrides or [], check_until(until), refresh)
+    report = run_pipeline(str(config), overrides or [], check_until(until), refresh, quiet=not _DEBUG["on"])
     print(format_report(report))
 
 
