@@ -228,6 +228,57 @@ def convert_to_hf(checkpoint: Path = typer.Argument(..., help="gptcore model fol
 
 # === section: pretrain, plan, evaluate (issue 6) =============================================
 
+
+@app.command("pretrain")
+def pretrain_cmd(
+    config: Path = typer.Argument(..., help="YAML config (configs/tiny.yaml)."),
+    data: Path = typer.Option(..., "--data", help="Folder written by `gptcore prepare` (shards + tokenizer/)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: the config's run.out_dir)."),
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """Pre-train on prepared shards; run it again to resume from the newest intact checkpoint."""
+    from gptcore.train import pretrain
+
+    cfg = _load_config(config, overrides)
+    s = pretrain(cfg, data, out or cfg.out_dir)
+    print(f"step {s['step']}  train loss {s['train_loss']:.4f}  val loss {s['val_loss']:.4f}  "
+          f"val bpb {s['val_bpb']:.4f}  ({s['seconds']:.0f} s)")
+    print(f"model: {s['final_dir']}")
+
+
+@app.command("plan")
+def plan_cmd(
+    config: Path = typer.Argument(..., help="YAML config."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU name (H100, A100-40GB, L4, RTX 4090...) or cpu."),
+    world_size: int = typer.Option(1, "--world-size", "-n", help="Number of devices (torchrun processes)."),
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """Parameters, memory per device, tokens/step, time per step and a recommendation."""
+    from gptcore.plan import format_plan, plan
+
+    print(format_plan(plan(_load_config(config, overrides), gpu=gpu, world_size=world_size)))
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    checkpoint: Path = typer.Argument(..., help="A model folder: RUN/final or RUN/checkpoints/step_NNNNNN."),
+    data: Path = typer.Option(..., "--data", help="Folder written by `gptcore prepare`."),
+    tasks: Optional[List[str]] = typer.Option(None, "--tasks", help="val | samples | mc:PATH.jsonl | hellaswag (repeatable)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Config for eval prompts/seeds/batches."),
+    previous: Optional[Path] = typer.Option(None, "--previous", help="eval.json of the previous best model."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write eval.json (default: CHECKPOINT/eval.json)."),
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """Validation loss/perplexity/bits-per-byte vs baselines, samples, multiple choice; writes eval.json."""
+    from gptcore.evaluate import evaluate_checkpoint, format_report
+
+    cfg = _load_config(config, overrides)
+    chosen = [t for item in (tasks or cfg.eval.tasks) for t in item.split(",") if t]
+    out_file = out or Path(checkpoint) / "eval.json"
+    result = evaluate_checkpoint(checkpoint, data, cfg, tasks=chosen, out_file=out_file, previous=previous)
+    print(format_report(result))
+    print(f"wrote {out_file}")
+
 # === section: finetune (issue 7) =============================================================
 
 

@@ -69,12 +69,12 @@ def cpu_peak_flops() -> float:
     """Measured fp32 matmul FLOP/s of this CPU at the current thread count (the achievable peak)."""
     threads = torch.get_num_threads()
     if threads not in _CPU_PEAK:
-        n = 512
+        n = 1024
         a, b = torch.ones(n, n), torch.ones(n, n)  # no RNG use: training stays reproducible
         for _ in range(2):
             a @ b
         reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 0.2:
+        while time.perf_counter() - t0 < 0.3:
             a @ b
             reps += 1
         _CPU_PEAK[threads] = 2 * n**3 * reps / (time.perf_counter() - t0)

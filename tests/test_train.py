@@ -1,0 +1,292 @@
+"""Pre-training engine: schedule, accumulation, NaN guard, checkpoints, resume to the bit, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from gptcore import checkpointing as C
+from gptcore.config import config_from_dict
+from gptcore.errors import CheckpointError, GptcoreError
+from gptcore.fileio import sha256_file
+from gptcore.metrics import MetricsLog, read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+MODEL = {"preset": "tiny", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
+TRAIN = {"max_steps": 24, "batch_size": 4, "num_threads": 1, "log_every": 2, "eval_every": 8,
+         "ckpt_every": 4, "eval_batches": 2, "warmup_steps": 4, "lr": 3e-3, "keep_last": 2, "progress": False}
+
+
+def make_config(**train):
+    return config_from_dict({"data": {"max_bytes": 120_000, "val_fraction": 0.1, "num_proc": 1},
+                             "tokenizer": {"vocab_size": 384}, "model": dict(MODEL), "train": {**TRAIN, **train}})
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from gptcore.data import prepare
+
+    d = tmp_path_factory.mktemp("data")
+    prepare(make_config(), d, progress=False)
+    return d
+
+
+def run(cfg, data_dir, out, callbacks=()):
+    from gptcore.train import pretrain
+
+    return pretrain(cfg, data_dir, out, callbacks)
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule and one step
+
+
+def test_schedule_values():
+    """lr_at against the closed form, evaluated in float64 by hand."""
+    from gptcore.optim import lr_at
+
+    lr, mn, W, N = 6e-4, 6e-5, 10, 110
+    assert lr_at(0, N, lr, mn, W) == pytest.approx(lr / 10)
+    assert lr_at(9, N, lr, mn, W) == pytest.approx(lr)
+    assert lr_at(10, N, lr, mn, W) == pytest.approx(lr)  # cosine starts at the top
+    assert lr_at(60, N, lr, mn, W) == pytest.approx((lr + mn) / 2)  # halfway through the decay
+    assert lr_at(35, N, lr, mn, W) == pytest.approx(mn + 0.5 * (lr - mn) * (1 + math.cos(math.pi * 0.25)))
+    assert lr_at(110, N, lr, mn, W) == pytest.approx(mn)
+    assert lr_at(500, N, lr, mn, W) == pytest.approx(mn)  # clamps past the end
+    assert lr_at(60, N, lr, None, W) == pytest.approx((lr + lr / 10) / 2)  # min_lr defaults to lr/10
+
+
+def _tiny_model(seed=0, dtype=None):
+    from gptcore.model import GPTConfig, build_model
+
+    torch.manual_seed(seed)
+    return build_model(GPTConfig.preset("tiny", vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=16), dtype=dtype)
+
+
+def test_accumulation_equals_bigger_batch():
+    """Two micro-batches of 4 with accumulation == one batch of 8: same loss, same clipped gradient.
+
+    Plain SGD with lr=1 makes each update exactly -grad, so the parameters compare the gradients
+    themselves (AdamW's division by √v would blow float32 rounding of near-zero gradients up)."""
+    from gptcore.train import train_step
+
+    torch.manual_seed(1)
+    x = torch.randint(0, 64, (8, 16))
+    y = torch.randint(0, 64, (8, 16))
+    a, b = _tiny_model(), _tiny_model()
+    oa, ob = torch.optim.SGD(a.parameters(), lr=1.0), torch.optim.SGD(b.parameters(), lr=1.0)
+    for _ in range(3):
+        la, na, _ = train_step(a, oa, [(x[:4], y[:4]), (x[4:], y[4:])], grad_clip=0.5)
+        lb, nb, _ = train_step(b, ob, [(x, y)], grad_clip=0.5)
+        assert la == pytest.approx(lb, rel=1e-6) and na == pytest.approx(nb, rel=1e-5)
+        assert na > 0.5  # clipping was active
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=n)
+    # and not trivially: half the batch alone gives a different update
+    c = _tiny_model()
+    train_step(c, torch.optim.SGD(c.parameters(), lr=1.0), [(x[:4], y[:4])], grad_clip=0.5)
+    assert not torch.allclose(c.transformer.h[0].attn.c_attn.weight, _tiny_model().transformer.h[0].attn.c_attn.weight)
+
+
+def test_nan_step_is_skipped():
+    from gptcore.optim import build_optimizer
+    from gptcore.train import train_step
+
+    m = _tiny_model()
+    opt = build_optimizer(m, lr=1e-2)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        m.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    before["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("nan")
+    loss, norm, ok = train_step(m, opt, [(x, x)])
+    assert not ok and not math.isfinite(norm)
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, before[k], equal_nan=True, rtol=0, atol=0)
+    assert all(p.grad is None for p in m.parameters())  # dropped, not applied next step
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole loop
+
+
+def test_pretrain_writes_metrics_checkpoints_and_final(data_dir, tmp_path):
+    from gptcore.checkpoint import load_model
+    from gptcore.evaluate import unigram_bpb
+
+    events = []
+    s = run(make_config(max_steps=48, lr=1e-2), data_dir, tmp_path, [lambda e, r: events.append((e, r))])
+    assert s["step"] == 48 and s["tokens"] == 48 * 4 * 32
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    logs = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in logs] == list(range(2, 49, 2))
+    assert set(logs[0]) == {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu"}
+    assert [r["step"] for r in evals] == [8, 16, 24, 32, 40, 48]
+    assert logs[-1]["loss"] < logs[0]["loss"] - 0.5
+    assert evals[-1]["val_bpb"] < unigram_bpb(data_dir)  # learned more than token frequencies
+    kinds = [e for e, _ in events]
+    assert kinds.count("log") == 24 and kinds.count("eval") == 6 and kinds.count("checkpoint") == 12 and kinds[-1] == "end"
+    # keep_last=2 plus the best by val loss (the last evaluated here)
+    steps = [st for st, _ in C.list_checkpoints(tmp_path)]
+    assert steps[-2:] == [44, 48] and len(steps) <= 3
+    state = C.verify_checkpoint(tmp_path / "checkpoints" / "step_000048")
+    assert set(state["files"]) == {"config.json", "model.safetensors", "tokenizer/tokenizer.json", "optimizer.pt"}
+    assert {"step", "tokens", "loader", "rng", "config_hash"} <= set(state)
+    model, tok = load_model(s["final_dir"])
+    assert tok.vocab_size == model.config.vocab_size == 384
+    assert s["val_loss"] == evals[-1]["val_loss"]
+
+
+def test_config_hash_refusal_and_extension(data_dir, tmp_path):
+    run(make_config(max_steps=8), data_dir, tmp_path)
+    with pytest.raises(CheckpointError, match=r"train\.lr"):
+        run(make_config(max_steps=8, lr=1e-3), data_dir, tmp_path)
+    s = run(make_config(max_steps=12), data_dir, tmp_path)  # only max_steps changed: extends the run
+    assert s["step"] == 12
+    steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert steps == [2, 4, 6, 8, 10, 12]
+
+
+def test_corrupt_checkpoint_is_skipped(data_dir, tmp_path):
+    ref = run(make_config(max_steps=12), data_dir, tmp_path / "ref")
+    out = tmp_path / "run"
+    run(make_config(max_steps=12, keep_last=5), data_dir, out)
+    newest = out / "checkpoints" / "step_000012" / "optimizer.pt"
+    blob = bytearray(newest.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    newest.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="optimizer.pt"):
+        C.verify_checkpoint(newest.parent)
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint.*step_000012"):
+        found = C.latest_intact(out)
+    assert found[0].name == "step_000008"
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint"):
+        s = run(make_config(max_steps=12, keep_last=5), data_dir, out)  # redoes steps 9..12 from step 8
+    assert s["train_loss"] == ref["train_loss"]
+    assert sha256_file(Path(s["final_dir"]) / "model.safetensors") == sha256_file(Path(ref["final_dir"]) / "model.safetensors")
+
+
+def test_nan_guard_stops_after_max_bad_steps(data_dir, tmp_path, monkeypatch):
+    """From step 7 on every loss is NaN: steps are skipped, then the run stops; checkpoints survive."""
+    import gptcore.train as T
+
+    real = T._build_model
+
+    def poisoned(gcfg, device):
+        m = real(gcfg, device)
+        forward, calls = m.forward, {"n": 0}
+
+        def fwd(idx, targets=None, **kw):
+            logits, loss = forward(idx, targets, **kw)
+            if targets is not None and m.training:
+                calls["n"] += 1
+                if calls["n"] > 6:
+                    loss = loss * float("nan")
+            return logits, loss
+
+        m.forward = fwd
+        return m
+
+    monkeypatch.setattr(T, "_build_model", poisoned)
+    with pytest.warns(UserWarning, match="not finite"), pytest.raises(GptcoreError, match="2 steps in a row"):
+        run(make_config(max_steps=24, max_bad_steps=2), data_dir, tmp_path)
+    assert [st for st, _ in C.list_checkpoints(tmp_path)] == [4]  # step 8 was never reached: no bad checkpoint
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r and r["step"] <= 6)
+
+
+def test_metrics_log_resume_truncation(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 2, "val_loss": 1.4}\n'
+                 '{"step": 3, "loss": 1.2}\n{"step": 4, "lo')
+    with MetricsLog(p, resume_step=2) as log:
+        log.write({"step": 3, "loss": 1.25})
+    assert [r["step"] for r in read_metrics(p)] == [1, 2, 2, 3]
+    assert read_metrics(p)[-1]["loss"] == 1.25
+    with MetricsLog(p, resume_step=None) as log:  # a fresh run starts a fresh file
+        log.write({"step": 1, "loss": 9.0})
+    assert read_metrics(p) == [{"step": 1, "loss": 9.0}]
+
+
+# ---------------------------------------------------------------------------------------------
+# kill -9 at any moment, then the same command again
+
+
+def _write_yaml(cfg, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return path
+
+
+@pytest.mark.parametrize("kill_at", ["after_first_checkpoint", "mid_run"])
+def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path, run_cli, kill_at):
+    cfg = make_config(max_steps=40, ckpt_every=6, eval_every=10)
+    ref = run(cfg, data_dir, tmp_path / "ref")
+    cfg_file = _write_yaml(cfg, tmp_path / "cfg.yaml")
+    out = tmp_path / "killed"
+    env = {**os.environ, "GPTCORE_PROGRESS": "0", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "gptcore.cli", "pretrain", str(cfg_file), "--data", str(data_dir), "--out", str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    target = out / "checkpoints" / ("step_000006" if kill_at == "after_first_checkpoint" else "step_000018")
+    deadline = time.time() + 120
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    if kill_at == "mid_run":
+        time.sleep(0.15)  # somewhere inside a later step, eval or checkpoint write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed: make it longer"
+    done = [st for st, _ in C.list_checkpoints(out)]
+    assert done and done[-1] < 40
+    r = run_cli("pretrain", cfg_file, "--data", data_dir, "--out", out, env={"GPTCORE_PROGRESS": "0"})
+    assert r.returncode == 0, r.stderr
+    final = C.read_state(out / "checkpoints" / "step_000040")
+    assert final["train_loss"] == ref["train_loss"]  # bit for bit: == on floats
+    assert sha256_file(out / "final" / "model.safetensors") == sha256_file(Path(ref["final_dir"]) / "model.safetensors")
+    # the log shows every step once, with the uninterrupted run's losses
+    got = [(r["step"], r.get("loss"), r.get("val_loss")) for r in read_metrics(out / "metrics.jsonl")]
+    want = [(r["step"], r.get("loss"), r.get("val_loss")) for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")]
+    assert got == want
+
+
+def test_stale_temp_folder_and_torn_metrics_line_are_ignored(data_dir, tmp_path):
+    ref = run(make_config(max_steps=8), data_dir, tmp_path / "ref")
+    out = tmp_path / "run"
+    run(make_config(max_steps=4), data_dir, out)
+    stale = out / "checkpoints" / ".step_000008.abc123.tmp"  # what a kill during a checkpoint write leaves
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "loss": 1.')
+    s = run(make_config(max_steps=8), data_dir, out)
+    assert not stale.exists()
+    assert s["train_loss"] == ref["train_loss"]
+    losses = [(r["step"], r["loss"]) for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert losses == [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "ref" / "metrics.jsonl") if "loss" in r]
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_pretrain_and_errors(data_dir, tmp_path, run_cli):
+    cfg_file = _write_yaml(make_config(max_steps=4), tmp_path / "cfg.yaml")
+    r = run_cli("pretrain", cfg_file, "--data", data_dir, "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert "val bpb" in r.stdout and (tmp_path / "out" / "final" / "model.safetensors").exists()
+    r = run_cli("pretrain", cfg_file, "--data", tmp_path / "nowhere", "--out", tmp_path / "out2")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "gptcore prepare" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_cli("pretrain", cfg_file, "--data", data_dir, "--out", tmp_path / "out", "--set", "train.lr=0.5")
+    assert r.returncode == 2 and "different config" in r.stderr and "train.lr" in r.stderr
