@@ -226,6 +226,22 @@ def convert_to_hf(checkpoint: Path = typer.Argument(..., help="gptcore model fol
 
 # === section: data / prepare (issue 5) =======================================================
 
+
+@app.command("prepare")
+def prepare_cmd(
+    config: Path = typer.Argument(..., help="YAML config (data + tokenizer sections are used)."),
+    out: Path = typer.Option(..., "--out", help="Data folder: tokenizer/, train_*.bin, val_*.bin, manifest.json."),
+    set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Download the corpus, train (or load) the tokenizer and write token shards + manifest.json."""
+    from gptcore.data import prepare
+
+    cfg = _load_config(config, set_)
+    m = prepare(cfg, out)
+    for split, s in m["splits"].items():
+        print(f"{split}: {s['documents']} documents, {s['bytes']:,} bytes, {s['tokens']:,} tokens, {len(s['shards'])} shard(s)")
+    print(f"tokenizer {m['tokenizer_sha256'][:12]} (vocab {m['vocab_size']}) -> {out}")
+
 # === section: pretrain, plan, evaluate (issue 6) =============================================
 
 
