@@ -167,19 +167,17 @@ class BPETokenizer(_SpecialMixin):
         self._ranks = ranks
         self.special_tokens = dict(special_tokens or {})
         self._merges = merges  # derived on demand when built from ranks only (tiktoken files)
-        clash = [s for s, i in self.special_tokens.items() if i in self._decoder_map()]
-        if clash:
-            raise ConfigError(f"special token ids collide with ordinary tokens: {clash}", "special_tokens",
-                              "give special tokens ids above the vocabulary")
         self._setup()
-
-    def _decoder_map(self) -> dict[int, bytes]:
-        return {i: b for b, i in self._ranks.items()}
 
     def _setup(self) -> None:
         self._split = regex.compile(self.pattern)
-        self._decoder = self._decoder_map()
+        self._decoder = {i: b for b, i in self._ranks.items()}  # id -> bytes
+        clash = [s for s, i in self.special_tokens.items() if i in self._decoder]
+        if clash:
+            raise ConfigError(f"special token ids collide with ordinary tokens: {clash}", "special_tokens",
+                              "give special tokens ids above the vocabulary")
         self._decoder.update({i: s.encode("utf-8") for s, i in self.special_tokens.items()})
+        self._vocab_size = max(self._decoder) + 1
         self._cache: dict[str, tuple[int, ...]] = {}
         self._sha: str | None = None
 
@@ -305,9 +303,10 @@ class BPETokenizer(_SpecialMixin):
                 new = {c: self._encode_chunk(c) for c in missing}
             except UnicodeEncodeError:
                 return self.encode_ordinary(_fix_surrogates(text))
-            if len(cache) + len(new) > _CACHE_LIMIT:
-                cache.clear()
-            cache.update(new)
+            if len(cache) + len(new) > _CACHE_LIMIT:  # start a fresh cache (threads holding the old one are unaffected)
+                self._cache = cache = new
+            else:
+                cache.update(new)
         out: list[int] = []
         for ids in map(cache.__getitem__, chunks):
             out += ids
@@ -320,6 +319,8 @@ class BPETokenizer(_SpecialMixin):
 
     # ---- decoding -----------------------------------------------------------------------------
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        if hasattr(ids, "tolist"):  # a tensor or numpy array
+            ids = ids.tolist()
         try:
             return b"".join(map(self._decoder.__getitem__, ids))
         except (KeyError, TypeError):
@@ -333,7 +334,7 @@ class BPETokenizer(_SpecialMixin):
     @property
     def vocab_size(self) -> int:
         """Largest id + 1 (as tiktoken's n_vocab)."""
-        return max(self._decoder) + 1
+        return self._vocab_size
 
     @property
     def merges(self) -> list[tuple[int, int]]:
@@ -511,6 +512,8 @@ class SentencePieceTokenizer(_SpecialMixin):
 
     def _decode_str(self, ids: Sequence[int]) -> str:
         n = self._sp.get_piece_size()
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
         out, run = [], []
         for i in ids:
             i = int(i)

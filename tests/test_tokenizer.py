@@ -156,6 +156,9 @@ def test_decode_invalid_utf8_and_bad_ids(gpt2_pair):
         ours.decode([50257])
     with pytest.raises(ValueError):
         ours.decode([-1])
+    import numpy as np
+
+    assert ours.decode(np.array(ref.encode("array ids"), dtype=np.int64)) == "array ids"
 
 
 def test_gpt2_tokenizer_helper(gpt2_pair):

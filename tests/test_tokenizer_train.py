@@ -148,3 +148,22 @@ def test_merges_equal_naive_on_larger_corpus():
     texts = [open(f, encoding="utf-8").read() for f in files]
     tok = BPETokenizer.train(texts, vocab_size=256 + 300 + 1, pattern="gpt2")
     assert tok.merges == naive_train(texts, 300, PATTERNS["gpt2"])
+
+
+def test_stream_memory_grows_with_distinct_chunks_not_corpus():
+    import tracemalloc
+
+    import gptcore.tokenizer as mod
+
+    doc = open(mod.__file__, encoding="utf-8").read() * 2  # ~70 kB
+
+    def peak(copies):
+        tracemalloc.start()
+        BPETokenizer.train((doc[:] + str(i % 3) for i in range(copies)), vocab_size=300)
+        _, p = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return p
+
+    small, big = peak(4), peak(60)  # 15x more text, same distinct chunks
+    assert big < 1.5 * small + 200_000, (small, big)
+    assert big < 0.5 * 60 * len(doc)  # below what merely holding the stream would take
