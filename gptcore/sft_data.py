@@ -394,7 +394,7 @@ class Encoder:
         resp = self._enc(record["output"]) + [self.eot]
         # keep up to half the positions for the answer, give the rest to the prompt
         keep_resp = min(len(resp), max(1, self.max_len // 2))
-        prompt = self.prompt_ids(record, room=keep_resp)
+        prompt = self.prompt_ids(record, room=keep_resp - 1)  # x drops the last token: prompt + answer ≤ max_len + 1
         resp = resp[: self.max_len + 1 - len(prompt)]
         if len(prompt) >= self.max_len + 1 or not resp:
             return None  # the template alone fills the context
