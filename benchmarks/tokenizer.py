@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("GPTCORE_PROGRESS", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+os.environ["TOKENIZERS_PARALLELISM"] = "true"  # HF may use every core (ours: one process)
 
 
 def corpus(mb: float) -> list[str]:
