@@ -197,6 +197,16 @@ def test_local_files_load_split_and_detect_the_task(tmp_path):
     assert len(data.train) == 1 and len(data.val) == 1  # validation is never empty
 
 
+def test_hf_datasets_source_reads_through_datasets(tmp_path):
+    """hf:PATH goes through datasets.load_dataset (a local data folder works offline, like a hub id online)."""
+    (tmp_path / "ds").mkdir()
+    rows = [{"text": f"def f{i}(): pass", "label": "ab"[i % 2]} for i in range(30)]
+    (tmp_path / "ds" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = sft_data.load_sft(f"hf:{tmp_path / 'ds'}")
+    assert data.task == "classify" and data.labels == ["a", "b"]
+    assert sorted(r["text"] for r in data.train + data.val + data.test) == sorted(r["text"] for r in rows)
+
+
 # --------------------------------------------------------------------------------------------
 # the recipe
 
