@@ -110,7 +110,11 @@ def train_tokenizer(cfg: dict, key: str, store: str, corpus: dict, track: dict |
 
 @task(name="shard", **CACHED)
 def shard(cfg: dict, key: str, store: str, corpus: dict, tokenizer: dict, track: dict | None = None) -> dict:
-    """Tokenize the corpus into train/val shards; the folder also carries its tokenizer."""
+    """Tokenize the corpus into train/val shards; the folder also carries its tokenizer.
+
+    Written in place into its stable folder: `prepare_shards` keeps a manifest of finished shards,
+    so a killed run resumes after the last one; only a complete manifest is a result.
+    """
     from gptcore import data, tokenizer as tk
 
     config = config_from_dict(cfg)
@@ -119,16 +123,14 @@ def shard(cfg: dict, key: str, store: str, corpus: dict, tokenizer: dict, track:
         raise CheckpointError("tokenizer changed since it was trained", tokenizer["dir"], "rerun with --refresh")
     docs = data.read_jsonl_documents(_verified(corpus["path"], corpus["sha256"], "corpus"))
     out = artifact_dir(store, "shard", key)
-    with atomic_dir(out) as tmp:
-        manifest = data.prepare_shards(docs, tok, tmp, shard_tokens=config.data.shard_tokens,
-                                       val_fraction=config.data.val_fraction, num_proc=config.data.num_proc,
-                                       source=config.data.source)
-        if not (tmp / "tokenizer" / "tokenizer.json").exists():
-            tok.save(tmp / "tokenizer")
+    tok.save(out / "tokenizer")
+    manifest = data.prepare_shards(docs, tok, out, shard_tokens=config.data.shard_tokens,
+                                   val_fraction=config.data.val_fraction, num_proc=config.data.num_proc,
+                                   source=config.data.source)
     _log_artifact(track, out / "manifest.json")
-    return {"dir": str(out), "sha256": sha256_file(out / "manifest.json"),
-            "train_tokens": manifest["train"]["tokens"], "val_tokens": manifest["val"]["tokens"],
-            "run_id": track and track["run_id"]}
+    splits = manifest["splits"]
+    return {"dir": str(out), "sha256": sha256_file(out / "manifest.json"), "train_tokens": splits["train"]["tokens"],
+            "val_tokens": splits["val"]["tokens"], "run_id": track and track["run_id"]}
 
 
 def _model_result(summary: dict, track: dict | None, out: Path, extra: dict) -> dict:
@@ -163,32 +165,29 @@ def pretrain(cfg: dict, key: str, store: str, shards: dict, track: dict | None =
 
 @task(name="evaluate", **CACHED)
 def evaluate(cfg: dict, key: str, store: str, model: dict, shards: dict, track: dict | None = None) -> dict:
-    """Validation loss and bits per byte against the unigram baseline, plus sample generations."""
+    """Validation loss and bits per byte beside the unigram baseline, plus sample generations."""
     from gptcore import evaluate as ev
 
     config = config_from_dict(cfg)
+    tasks_ = list(dict.fromkeys([*config.eval.tasks, "samples"]))
     out = artifact_dir(store, "evaluate", key)
     with atomic_dir(out) as tmp:
-        res = ev.evaluate_checkpoint(model["dir"], shards["dir"], config=config, tasks=tuple(config.eval.tasks),
-                                     out_file=tmp / "eval.json")
-        baseline = ev.unigram_bpb(shards["dir"])
-        samples = res.get("samples") or []
-        texts = [s if isinstance(s, str) else s.get("text", str(s)) for s in samples]
-        atomic_write_text(tmp / "samples.txt", "\n\n---\n\n".join(texts) + "\n")
-        atomic_write_text(tmp / "eval.md", _eval_table(res, baseline))
-    for name in ("eval.json", "eval.md", "samples.txt"):
+        res = ev.evaluate_checkpoint(model["dir"], shards["dir"], config=config, tasks=tasks_, out_file=tmp / "eval.json")
+        atomic_write_text(tmp / "eval.txt", ev.format_report(res) + "\n")
+        samples = res["tasks"].get("samples", [])
+        atomic_write_text(tmp / "samples.txt", "".join(
+            f"--- seed {s['seed']}, prompt {s['prompt']!r}\n{s['prompt']}{s['text']}\n\n" for s in samples))
+    for name in ("eval.json", "eval.txt", "samples.txt"):
         _log_artifact(track, out / name)
-    result = _numbers(res)
-    result.update(unigram_bpb=baseline, dir=str(out), run_id=track and track["run_id"])
-    if "val_bpb" in result:
-        result["bpb_vs_unigram"] = result["val_bpb"] / baseline
+    val = res["tasks"].get("val", {})
+    result = _numbers(val)
+    if "val_bpb" in val and val.get("unigram_bpb"):
+        result["bpb_vs_unigram"] = val["val_bpb"] / val["unigram_bpb"]  # < 1: the model beats the baseline
+    for name, r in res["tasks"].items():  # multiple-choice accuracies
+        if isinstance(r, dict) and "acc" in r:
+            result[f"{name}.acc"] = r["acc"]
+    result.update(dir=str(out), run_id=track and track["run_id"])
     return result
-
-
-def _eval_table(res: dict, baseline: float) -> str:
-    rows = [("unigram baseline bpb", f"{baseline:.4f}")]
-    rows += [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in _numbers(res).items()]
-    return "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
 
 
 @task(name="finetune", retries=1, retry_condition_fn=_retry_unless_user_error, **CACHED)
@@ -202,10 +201,8 @@ def finetune(cfg: dict, key: str, store: str, model: dict, track: dict | None = 
     buf = tracking.MetricBuffer(c, run_id, every=config.tracking.log_every)
     summary = ft.finetune(config, model["dir"], out, callbacks=[buf])
     buf.flush()
-    samples = summary.get("samples")
-    if samples:
-        atomic_write_text(out / "samples.txt", "\n\n---\n\n".join(map(str, samples)) + "\n")
-        _log_artifact(track, out / "samples.txt")
+    for name in ("samples.txt", "confusion.txt", "eval.json"):
+        _log_artifact(track, out / name)
     if summary.get("adapter_dir"):
         _log_artifact(track, summary["adapter_dir"], "adapter")
     return _model_result(summary, track, out, {"task": str(summary.get("task", ""))})

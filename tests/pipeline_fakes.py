@@ -54,8 +54,8 @@ def read_jsonl_documents(path):
 def prepare_shards(documents, tokenizer, out_dir, shard_tokens=0, val_fraction=0.1, num_proc=None, source=""):
     CALLS["shard"] += 1
     n = sum(len(d) for d in documents)
-    manifest = {"train": {"tokens": n, "bytes": n}, "val": {"tokens": n // 10, "bytes": n // 10},
-                "tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size}
+    manifest = {"splits": {"train": {"tokens": n, "bytes": n}, "val": {"tokens": n // 10, "bytes": n // 10}},
+                "complete": True, "tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size}
     atomic_write_json(Path(out_dir) / "manifest.json", manifest)
     return manifest
 
@@ -90,14 +90,17 @@ def pretrain(config, data_dir, out_dir, callbacks=()):
 def evaluate_checkpoint(checkpoint_dir, data_dir, config=None, tasks=("val",), out_file=None):
     CALLS["evaluate"] += 1
     cfgj = json.loads((Path(checkpoint_dir) / "config.json").read_text())
-    res = {"val_loss": 4.0, "val_bpb": 1.0 / cfgj["lr"], "samples": ["def hello():", "import os"]}
+    res = {"checkpoint": str(checkpoint_dir), "tasks": {
+        "val": {"val_loss": 4.0, "val_ppl": 54.6, "val_bpb": 1.0 / cfgj["lr"], "unigram_bpb": 5.0}}}
+    if "samples" in tasks:
+        res["tasks"]["samples"] = [{"seed": 0, "prompt": "def ", "text": "hello():"}]
     if out_file:
         atomic_write_json(out_file, res)
     return res
 
 
-def unigram_bpb(data_dir):
-    return 5.0
+def format_report(result):
+    return "val bpb " + str(result["tasks"]["val"]["val_bpb"])
 
 
 def finetune(config, base_dir, out_dir, callbacks=()):
@@ -107,6 +110,7 @@ def finetune(config, base_dir, out_dir, callbacks=()):
         for cb in callbacks:
             cb("log", {"step": s, "loss": 3.0 - s / 100, "lr": config.finetune.lr})
     _save_model(out / "final", {"base": sha256_tree(base_dir), "ft_lr": config.finetune.lr})
+    atomic_write_text(out / "samples.txt", "a docstring\n")
     return {"adapter_dir": None, "final_dir": str(out / "final"), "task": "instruct", "val_loss_before": 3.0,
             "val_loss_after": 2.0 + config.finetune.lr, "samples": ["a docstring"], "seconds": 0.01}
 
@@ -124,7 +128,7 @@ def install(monkeypatch) -> Counter:
         "data": ["download", "read_jsonl_documents", "prepare_shards"],
         "tokenizer": ["train_tokenizer", "load_tokenizer"],
         "train": ["pretrain"],
-        "evaluate": ["evaluate_checkpoint", "unigram_bpb"],
+        "evaluate": ["evaluate_checkpoint", "format_report"],
         "finetune": ["finetune"],
         "checkpoint": ["model_sha256"],
     }
