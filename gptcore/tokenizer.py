@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import array
 import base64
-import io
 import json
 import os
 from pathlib import Path
@@ -37,15 +36,16 @@ import regex
 
 from gptcore.bpe_train import count_chunks, iter_texts, train_merges
 from gptcore.errors import CheckpointError, ConfigError, DataError, GptcoreError
-from gptcore.fileio import atomic_write_bytes, sha256_bytes
+from gptcore.fileio import atomic_write_bytes
+from gptcore.tokenizer_base import (ENDOFTEXT, FORMAT_BPE, FORMAT_SP, VERSION, SpecialTokensMixin,  # noqa: F401
+                                    _content_sha, _dump, _fix_surrogates, _read_tokenizer_json)
+from gptcore.tokenizer_sp import SentencePieceTokenizer
 
 # The split patterns of tiktoken (equivalent to OpenAI's originals, with possessive quantifiers).
 PATTERNS = {
     "gpt2": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
     "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
 }
-ENDOFTEXT = "<|endoftext|>"
-FORMAT_BPE, FORMAT_SP, VERSION = "gptcore-bpe", "gptcore-sentencepiece", 1
 _CACHE_LIMIT = 1 << 20  # chunk -> ids cache entries kept per tokenizer (cleared when full)
 _INF = 1 << 62
 
@@ -91,73 +91,7 @@ def bpe(ranks: dict[bytes, int], piece: bytes, max_rank: int | None = None) -> l
     return parts
 
 
-def _fix_surrogates(text: str) -> str:
-    """Lone surrogates cannot be UTF-8: replace them the way tiktoken does."""
-    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-
-
-class _SpecialMixin:
-    """allowed_special handling shared by both tokenizers (tiktoken's semantics)."""
-
-    special_tokens: dict[str, int]
-
-    def _split_special(self, text: str, allowed_special) -> list[str | int]:
-        """Text -> alternating ordinary strings and special ids.
-
-        "none_raise": a special token's text anywhere raises ValueError; "none": it is ordinary
-        text; "all" or a set: those specials become their ids (others still raise, as tiktoken)."""
-        specials = self.special_tokens
-        if allowed_special == "none":
-            return [text]
-        if allowed_special == "none_raise":
-            allowed = set()
-        elif allowed_special == "all":
-            allowed = set(specials)
-        else:
-            allowed = set(allowed_special)
-            unknown = allowed - set(specials)
-            if unknown:
-                raise ValueError(f"not special tokens of this tokenizer: {sorted(unknown)}")
-        for s in specials:
-            if s not in allowed and s in text:
-                raise ValueError(
-                    f"text contains the special token {s!r}: pass allowed_special='all' (or a set "
-                    f"including it) to encode it as a special id, or 'none' to encode it as text")
-        present = [s for s in allowed if s in text]
-        if not present:
-            return [text]
-        alt = "|".join(regex.escape(s) for s in sorted(present, key=len, reverse=True))
-        out: list[str | int] = []
-        pos = 0
-        for m in regex.finditer(alt, text):
-            if m.start() > pos:
-                out.append(text[pos:m.start()])
-            out.append(specials[m.group()])
-            pos = m.end()
-        if pos < len(text):
-            out.append(text[pos:])
-        return out
-
-    def encode(self, text: str, allowed_special="none_raise") -> list[int]:
-        """Text -> ids. `allowed_special`: "none_raise" (default), "none", "all" or a set of texts."""
-        ids: list[int] = []
-        for part in self._split_special(text, allowed_special):
-            if isinstance(part, int):
-                ids.append(part)
-            else:
-                ids += self.encode_ordinary(part)
-        return ids
-
-    @property
-    def eot_id(self) -> int | None:
-        return self.special_tokens.get(ENDOFTEXT)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Ids -> text; byte sequences that are not valid UTF-8 become U+FFFD."""
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
-
-class BPETokenizer(_SpecialMixin):
+class BPETokenizer(SpecialTokensMixin):
     """Byte-level BPE: a `bytes -> rank` vocabulary, a split regex, special tokens."""
 
     def __init__(self, ranks: dict[bytes, int], pattern: str = "gpt4",
@@ -433,153 +367,6 @@ class BPETokenizer(_SpecialMixin):
         return f"BPETokenizer(vocab_size={self.vocab_size}, specials={list(self.special_tokens)})"
 
 
-class SentencePieceTokenizer(_SpecialMixin):
-    """sentencepiece BPE with byte fallback, behind the same interface as BPETokenizer.
-
-    Differences from our byte-level BPE: no regex split (sentencepiece splits on whitespace,
-    marking a space with U+2581 "▁" — so a literal "▁" in the input decodes as a space), pieces
-    never contain a newline (newlines go to byte-fallback tokens), and the model is trained on lines.
-    We turn off its normalization (identity rule, no whitespace folding, no dummy prefix) so it is
-    as close to byte-exact as sentencepiece allows."""
-
-    def __init__(self, model_proto: bytes, special_tokens: dict[str, int]):
-        import sentencepiece as spm
-
-        self._proto = bytes(model_proto)
-        self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
-        self.special_tokens = dict(special_tokens)
-        self._by_id = {i: s for s, i in self.special_tokens.items()}
-
-    @classmethod
-    def train(cls, texts: str | Iterable[str], vocab_size: int, pattern: str | None = None,
-              special_tokens: Sequence[str] = (ENDOFTEXT,), progress: bool | None = None) -> "SentencePieceTokenizer":
-        """Train sentencepiece BPE (`pattern` is ignored: sentencepiece has its own splitting)."""
-        import sentencepiece as spm
-
-        specials = list(dict.fromkeys(special_tokens))
-        if vocab_size < 256 + 1 + len(specials):
-            raise ConfigError(f"vocab_size {vocab_size} is below 256 bytes + <unk> + {len(specials)} special tokens",
-                              "tokenizer.vocab_size", f"use at least {257 + len(specials)}")
-        seen = {"lines": 0, "error": None}
-
-        def lines():
-            try:
-                for text in iter_texts(texts):
-                    for s in specials:
-                        text = text.replace(s, "\n")
-                    for line in text.split("\n"):
-                        if line.strip():
-                            seen["lines"] += 1
-                            yield line[:8192]
-            except GptcoreError as exc:  # raised again once sentencepiece returns
-                seen["error"] = exc
-
-        model = io.BytesIO()
-        devnull = open(os.devnull, "w")
-        try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=lines(), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-                byte_fallback=True, control_symbols=specials, normalization_rule_name="identity",
-                remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
-                unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, hard_vocab_limit=False, character_coverage=0.9995,
-                max_sentence_length=1 << 15, num_threads=1, minloglevel=2, logstream=devnull)
-        except RuntimeError as exc:
-            if seen["error"] is not None:
-                raise seen["error"] from None
-            if not seen["lines"]:
-                raise DataError("no text to train the tokenizer on", "texts", "give at least one non-empty text") from None
-            raise ConfigError(f"sentencepiece training failed: {exc}", "tokenizer.vocab_size",
-                              "try a larger vocab_size or more text") from None
-        finally:
-            devnull.close()
-        if seen["error"] is not None:
-            raise seen["error"]
-        sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-        return cls(model.getvalue(), {s: sp.piece_to_id(s) for s in specials})
-
-    def encode_ordinary(self, text: str) -> list[int]:
-        return list(self._sp.encode(text)) if text else []
-
-    def encode_batch(self, texts: Iterable[str], num_threads: int | None = None,
-                     allowed_special="none_raise") -> list[list[int]]:
-        return [self.encode(t, allowed_special) for t in texts]
-
-    def decode_bytes(self, ids: Sequence[int]) -> bytes:
-        return self._decode_str(ids).encode("utf-8", errors="replace")
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._decode_str(ids)
-
-    def _decode_str(self, ids: Sequence[int]) -> str:
-        n = self._sp.get_piece_size()
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
-        out, run = [], []
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < n:
-                raise ValueError(f"unknown token id {i} (vocab_size {n})")
-            if i in self._by_id:
-                out.append(self._sp.decode(run))
-                out.append(self._by_id[i])
-                run = []
-            else:
-                run.append(i)
-        out.append(self._sp.decode(run))
-        return "".join(out)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
-
-    def _content(self) -> dict:
-        return {"format": FORMAT_SP, "version": VERSION, "model_file": "tokenizer.model",
-                "model_sha256": sha256_bytes(self._proto), "special_tokens": self.special_tokens}
-
-    @property
-    def sha256(self) -> str:
-        return _content_sha(self._content())
-
-    def save(self, directory: str | Path) -> Path:
-        """Write `tokenizer.model` then `tokenizer.json` (which names and hashes it)."""
-        directory = Path(directory)
-        atomic_write_bytes(directory / "tokenizer.model", self._proto)
-        content = self._content()
-        content["sha256"] = self.sha256
-        path = directory / "tokenizer.json"
-        atomic_write_bytes(path, _dump(content))
-        return path
-
-    @classmethod
-    def load(cls, directory: str | Path) -> "SentencePieceTokenizer":
-        path, content = _read_tokenizer_json(directory, FORMAT_SP)
-        model = Path(directory) / str(content.get("model_file", "tokenizer.model"))
-        try:
-            proto = model.read_bytes()
-        except OSError:
-            raise CheckpointError("sentencepiece model file is missing", str(model), "re-save the tokenizer") from None
-        if sha256_bytes(proto) != content.get("model_sha256"):
-            raise CheckpointError("sentencepiece model does not match its checksum", str(model),
-                                  "the file is corrupt: retrain or re-save the tokenizer")
-        return cls(proto, {str(k): int(v) for k, v in content["special_tokens"].items()})
-
-    def to_tiktoken(self, name: str | None = None):
-        raise GptcoreError("a sentencepiece tokenizer has no tiktoken equivalent", "tokenizer.backend",
-                           "use the bpe backend to export to tiktoken")
-
-    def save_tiktoken(self, path: str | Path):
-        self.to_tiktoken()
-
-    def __getstate__(self):
-        return {"proto": self._proto, "special_tokens": self.special_tokens}
-
-    def __setstate__(self, state):
-        self.__init__(state["proto"], state["special_tokens"])
-
-    def __repr__(self) -> str:
-        return f"SentencePieceTokenizer(vocab_size={self.vocab_size}, specials={list(self.special_tokens)})"
-
-
 # ---- encode_batch across processes ------------------------------------------------------------
 _WORKER: dict = {}
 _PARALLEL_MIN_CHARS = 1 << 20  # below this a pool costs more than it saves
@@ -623,42 +410,6 @@ def _init_worker(tok, allowed_special) -> None:
 def _encode_worker(batch: list[str]) -> list[array.array]:
     tok, allowed = _WORKER["tok"], _WORKER["allowed"]
     return [array.array("I", tok.encode(t, allowed)) for t in batch]
-
-
-# ---- files ------------------------------------------------------------------------------------
-def _dump(content: dict) -> bytes:
-    return (json.dumps(content, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
-
-
-def _content_sha(content: dict) -> str:
-    canonical = json.dumps(content, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return sha256_bytes(canonical.encode("utf-8"))
-
-
-def _read_tokenizer_json(directory: str | Path, expected_format: str | None) -> tuple[Path, dict]:
-    """Read and verify `directory/tokenizer.json`: JSON, format, version, sha256."""
-    directory = Path(directory)
-    path = directory / "tokenizer.json" if directory.is_dir() or not directory.suffix else directory
-    fix = "retrain or re-save the tokenizer"
-    try:
-        content = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise CheckpointError("tokenizer file not found", str(path), "pass a folder written by tokenizer save/train") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"tokenizer file is not valid JSON ({exc.__class__.__name__})", str(path), fix) from None
-    if not isinstance(content, dict):
-        raise CheckpointError("tokenizer file is not a JSON object", str(path), fix)
-    fmt = content.get("format")
-    if fmt not in (FORMAT_BPE, FORMAT_SP) or (expected_format and fmt != expected_format):
-        raise CheckpointError(f"unexpected tokenizer format {fmt!r}", str(path),
-                              f"expected {expected_format or FORMAT_BPE + ' or ' + FORMAT_SP}")
-    if content.get("version") != VERSION:
-        raise CheckpointError(f"unsupported tokenizer version {content.get('version')!r}", str(path),
-                              f"this gptcore reads version {VERSION}; {fix}")
-    stored = content.pop("sha256", None)
-    if stored != _content_sha(content):
-        raise CheckpointError("tokenizer checksum mismatch (the file was modified or is corrupt)", str(path), fix)
-    return path, content
 
 
 def load_tokenizer(directory: str | Path) -> BPETokenizer | SentencePieceTokenizer:
