@@ -19,8 +19,8 @@ of each id, the ranks) is derived from those merges, so saved state cannot drift
     tok.save("out/tokenizer")            # out/tokenizer/tokenizer.json
     enc = tok.to_tiktoken()              # same ids, at tiktoken speed
 
-`SentencePieceTokenizer` offers the same interface over the sentencepiece library (BPE with byte
-fallback) for comparison; see docs/01-tokenizer.md for how it differs.
+`SentencePieceTokenizer` (gptcore/tokenizer_sp.py, re-exported here) offers the same interface over
+the sentencepiece library (BPE with byte fallback); docs/01-tokenizer.md says how it differs.
 """
 
 from __future__ import annotations

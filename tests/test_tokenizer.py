@@ -226,6 +226,10 @@ def test_to_tiktoken_and_save_tiktoken(tmp_path, cl100k_pair, cl100k_file):
     assert enc.encode(text) == ref.encode(text)
     out = ours.save_tiktoken(tmp_path / "x.tiktoken")
     assert load_tiktoken_bpe(str(out)) == load_tiktoken_bpe(str(cl100k_file))
+    # a rank-only vocabulary saves as recovered merges and loads back to the same ranks
+    back = load_tokenizer(ours.save(tmp_path / "cl100k").parent)
+    assert back._ranks == load_tiktoken_bpe(str(cl100k_file)) and back.special_tokens == ref._special_tokens
+    assert back.encode(text) == ref.encode(text)
 
 
 def _stdlib_texts(limit_bytes):
