@@ -94,6 +94,51 @@ def resume_hash(config, base_sha256: str) -> str:
     return hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()
 
 
+def lora_param_count(gcfg, rank: int, targets=DEFAULT_TARGETS) -> int:
+    """Trainable LoRA numbers: r · (in + out) per wrapped linear (A is r×in, B is out×r)."""
+    C, L = gcfg.n_embd, gcfg.n_layer
+    hs = C // gcfg.n_head
+    kv = (gcfg.n_kv_head or gcfg.n_head) * hs
+    # MLP width: 4C for GELU; SwiGLU's 8C/3 rounded up to 64, with gate and up fused in one c_fc
+    hidden = 64 * math.ceil(8 * C / 3 / 64) if gcfg.mlp == "swiglu" else 4 * C
+    shapes = {"attn.c_attn": (C, C + 2 * kv), "attn.c_proj": (C, C),
+              "mlp.c_fc": (C, 2 * hidden if gcfg.mlp == "swiglu" else hidden), "mlp.c_proj": (hidden, C)}
+    return L * sum(rank * (i + o) for t, (i, o) in shapes.items() if t in targets)
+
+
+def memory_estimate(config, gcfg, device_bf16: bool = True) -> dict[str, float]:
+    """Bytes one device needs to fine-tune `gcfg` with `config.finetune` (what `gptcore plan` can show).
+
+        weights       P · 2 (bf16 frozen base) or P · 4
+        trainable     16 bytes per trained number: fp32 weight + grad + AdamW m and v
+                      (LoRA: r·(in+out) per target; full: every P)
+        activations   checkpointing: one (B, T, C) input per block + one block recomputed (~34·BTC bytes);
+                      otherwise ~34·BTC bytes per block (bf16, flash/SDPA attention: no T² term)
+        logits        B·T·V · (2 bf16 + 4 fp32 copy + 4 its grad)
+    """
+    ft = config.finetune
+    P = _gpt_params(gcfg)
+    act = 2 if device_bf16 else 4
+    B, T, C, L, V = ft.batch_size, min(ft.max_len or gcfg.block_size, gcfg.block_size), gcfg.n_embd, gcfg.n_layer, gcfg.vocab_size
+    lora = ft.method == "lora"
+    wbytes = 2 if (lora and device_bf16 and ft.base_dtype != "float32") else 4
+    trained = lora_param_count(gcfg, ft.rank, ft.targets or DEFAULT_TARGETS) if lora else P
+    per_block = 17 * act * B * T * C
+    acts = (L * act * B * T * C + per_block) if ft.activation_checkpointing else L * per_block
+    out = {"weights": P * wbytes, "trainable_state": 16 * trained, "activations": acts, "logits": B * T * V * (act + 8)}
+    out["total"] = sum(out.values())
+    out["trainable_params"] = trained
+    out["params"] = P
+    return out
+
+
+def _gpt_params(gcfg) -> int:
+    with torch.device("meta"):
+        from gptcore.model import GPT
+
+        return GPT(gcfg).num_params()
+
+
 class Trainee(nn.Module):
     """The model being fine-tuned plus, for classification, its new head: one module for the optimizer."""
 

@@ -285,3 +285,18 @@ def test_adapter_rank_mismatch_is_a_checkpoint_error(tmp_path):
     other = apply_lora(_tiny_gpt(), rank=3, alpha=2)
     with pytest.raises(CheckpointError, match="shape"):
         load_lora(other, tmp_path / "a")
+
+
+def test_lora_parameter_formula_matches_a_wrapped_gpt2_xl_on_meta():
+    """The count memory_estimate uses = what apply_lora really adds to GPT-2 XL (built on meta: no memory)."""
+    from gptcore.finetune import lora_param_count
+    from gptcore.model import GPT, GPTConfig
+
+    for name, rank in (("gpt2-xl", 16), ("llama-style", 4)):
+        cfg = GPTConfig.preset(name, vocab_size=50257)
+        with torch.device("meta"):
+            model = GPT(cfg)
+        apply_lora(model, rank=rank, alpha=2 * rank)
+        got = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert got == lora_param_count(cfg, rank), name
+    assert lora_param_count(GPTConfig.preset("gpt2-xl", vocab_size=50257), 16) == 19_660_800
