@@ -67,6 +67,10 @@ def test_cli_bad_input(run_cli, tmp_path):
         p = run_cli("tokenizer", "train", *files, "--vocab-size", 300, "--out", out)
         _one_error_line(p, name)
         assert not out.exists()
+    p = run_cli("tokenizer", "train", good, binary, "--vocab-size", 400, "--backend", "sentencepiece",
+                "--out", tmp_path / "sp")
+    _one_error_line(p, "blob.bin")
+    assert not (tmp_path / "sp").exists()
     p = run_cli("tokenizer", "train", good, "--vocab-size", 257, "--special", "<a>", "--special", "<b>",
                 "--out", tmp_path / "small")
     _one_error_line(p, "vocab_size", "257")
