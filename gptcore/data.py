@@ -87,7 +87,7 @@ def _encode_docs(docs: list[str], first: int, val_fraction: float, skip_before: 
     return out
 
 
-def _batches(documents: Iterable[str], batch_bytes: int = 1 << 18, batch_docs: int = 512) -> Iterator[tuple[int, list[str]]]:
+def _batches(documents: Iterable[str], batch_bytes: int = 1 << 16, batch_docs: int = 256) -> Iterator[tuple[int, list[str]]]:
     """(index of the first document, documents) in batches of about `batch_bytes` characters."""
     batch, size, first = [], 0, 0
     for i, doc in enumerate(documents):
@@ -243,8 +243,9 @@ def prepare_shards(
         raise DataError(f"val_fraction {val_fraction} is not between 0 and 1", "data.val_fraction", "use e.g. 0.02")
     num_proc = num_proc or len(os.sched_getaffinity(0))
     dtype = token_dtype(tokenizer.vocab_size)
+    tok_sha = tokenizer.sha256  # read once: some tokenizers hash their content on every access
     settings = {
-        "source": source, "tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
+        "source": source, "tokenizer_sha256": tok_sha, "vocab_size": tokenizer.vocab_size,
         "eot_id": tokenizer.eot_id, "shard_tokens": shard_tokens, "val_fraction": val_fraction,
         "dtype": dtype.name, "split_rule": SPLIT_RULE, **(extra or {}),
     }
@@ -268,7 +269,7 @@ def prepare_shards(
 
     def manifest(complete: bool) -> dict:
         return {"format": MANIFEST_FORMAT, "complete": complete, "source": source,
-                "tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
+                "tokenizer_sha256": tok_sha, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
                 "dtype": dtype.name, "split_rule": SPLIT_RULE, "settings": settings,
                 "corpus": {"documents": seen, "digest": chain.hexdigest()},
                 "splits": {s: writers[s].summary() for s in SPLITS}}
