@@ -41,6 +41,7 @@ from gptcore.errors import CheckpointError, ConfigError, DataError
 from gptcore.fileio import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
 from gptcore.lora import DEFAULT_TARGETS, apply_lora, merge_lora, save_adapter
 from gptcore.optim import build_optimizer, lr_at, set_lr
+from gptcore.train import autocast_dtype, resolve_device
 
 Callback = Callable[[str, dict], Any]
 
@@ -50,29 +51,6 @@ RESUME_FREE = ("max_steps", "log_every", "eval_every", "ckpt_every", "eval_batch
 
 # --------------------------------------------------------------------------------------------
 # setup helpers
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device '{name}'", "train.device", "use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("CUDA is not available on this machine", "train.device", "use train.device=cpu or auto")
-    return dev
-
-
-def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for the forward pass (None: run in the weights' dtype)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def base_dtype(name: str, method: str, device: torch.device) -> torch.dtype:
@@ -242,7 +220,7 @@ def instruct_samples(model, encoder: sft_data.Encoder, records: list[dict], max_
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         with amp():
             seq = model.generate(idx, max_new_tokens, temperature=temperature, eos_id=encoder.eot, generator=g)
-        new = [t for t in seq[0, len(ids):].tolist()]
+        new = seq[0, len(ids):].tolist()
         if encoder.eot in new:
             new = new[: new.index(encoder.eot)]
         out.append({"instruction": r["instruction"], "input": r.get("input", ""), "reference": r["output"],
@@ -340,6 +318,9 @@ def finetune(config, base_dir: str | Path, out_dir: str | Path, callbacks: Itera
         torch.set_num_threads(tr.num_threads)
     torch.manual_seed(config.run.seed)
     device = resolve_device(tr.device)
+    if tr.dtype == "float16":
+        raise ConfigError("fine-tuning runs in float32 or bfloat16 (float16 would need loss scaling)", "train.dtype",
+                          "set train.dtype to bfloat16 (or auto/float32)")
     amp_dtype = autocast_dtype(tr.dtype, device)
 
     def amp():
