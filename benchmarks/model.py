@@ -1,6 +1,6 @@
 """Our GPT vs transformers' GPT2LMHeadModel, side by side, same weights, same threads.
 
-    .venv/bin/python benchmarks/model.py [--threads 2] [--steps 6] [--rounds 3] [--compile]
+    .venv/bin/python benchmarks/model.py [--threads 2] [--steps 2] [--rounds 3] [--compile]
 
 Config: 4 layers, 4 heads, 256 wide, vocab 8192, context 256; training batch 8 x 256 tokens.
   * training step (forward + backward + AdamW), tokens/s: ours (sdpa) vs HF eager (and HF sdpa)
@@ -63,9 +63,9 @@ def timed(fn, n):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=6, help="timed training steps per round")
+    ap.add_argument("--steps", type=int, default=2, help="timed training steps per round")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -24,6 +24,7 @@ FORMAT, VERSION = "gptcore-model", 1
 
 
 def _weights(model: GPT) -> dict[str, torch.Tensor]:
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper holds the same parameters
     sd = model.state_dict()
     if model.config.tie_embeddings:
         sd.pop("lm_head.weight", None)  # the same tensor as transformer.wte.weight
@@ -38,6 +39,7 @@ def save_model(model: GPT, tokenizer, directory: str | Path) -> Path:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens, model vocab_size is "
                               f"{model.config.vocab_size}", str(directory), "save the tokenizer the model was built for")
     directory = Path(directory)
+    model = getattr(model, "_orig_mod", model)
     with atomic_dir(directory) as tmp:
         save_file(_weights(model), tmp / "model.safetensors", metadata={"format": "pt"})
         meta = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(),
