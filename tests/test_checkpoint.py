@@ -159,3 +159,26 @@ def test_cli_convert_round_trip(tmp_path, tok, run_cli):
         assert (m.eval()(idx)[0] - ref).abs().max() <= 1e-4
     r = run_cli("convert", "to-hf", tmp_path / "nope", tmp_path / "hf2")
     assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_stream_text_never_splits_a_character(tok):
+    """A character spread over several byte tokens is yielded once, whole."""
+    from gptcore.generate import stream_text
+
+    text = "héllo 😀 wörld"
+    byte_id = {tok.decode_bytes([i]): i for i in range(256)}
+    ids = [byte_id[bytes([b])] for b in text.encode("utf-8")]  # one token per byte
+    assert tok.decode_bytes(ids) == text.encode("utf-8") and len(ids) > len(text)
+
+    class Scripted(torch.nn.Module):  # a "model" that emits the given ids, then eot
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def generate_stream(self, idx, n, **kw):
+            for i in ids + [tok.eot_id, 5, 6]:
+                yield torch.tensor([[i]])
+
+    pieces = list(stream_text(Scripted(), tok, "x", max_new_tokens=100, seed=0))
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    assert "😀" in pieces  # the 4-byte emoji arrives as one piece

@@ -76,6 +76,8 @@ def test_unsupported_variants_are_clear_errors(tmp_path):
         load_hf_gpt2(folder)
     with pytest.raises(CheckpointError):
         load_hf_gpt2(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="Hugging Face Hub"):  # tests run offline (HF_HUB_OFFLINE=1)
+        load_hf_gpt2("openai-community/gpt2-not-cached")
 
 
 def test_bytes_to_unicode_table():
