@@ -336,3 +336,18 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(base, tmp_path, run_cli):
     r = run_cli("finetune", cfg, "--base", tmp_path / "missing", "--out", tmp_path / "out")
     assert r.returncode == 2 and "checkpoint folder not found" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_finetune_then_generate_with_the_adapter(base, tmp_path, run_cli):
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text(textwrap.dedent("""\
+        finetune: {max_steps: 2, batch_size: 2, max_examples: 8, eval_batches: 1, num_samples: 1}
+        train: {progress: false, num_threads: 1}
+        eval: {sample_tokens: 4}
+    """))
+    r = run_cli("finetune", cfg, "--base", base, "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert "val loss" in r.stdout and f"adapter: {tmp_path / 'out' / 'adapter'}" in r.stdout
+    r = run_cli("generate", base, "--adapter", tmp_path / "out" / "adapter", "-p", "def", "-n", "3", "-t", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("def")
