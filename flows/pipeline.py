@@ -60,8 +60,13 @@ def run_pipeline(config_path: str, overrides: list[str] | None = None, until: st
                  refresh: bool = False, quiet: bool = True) -> dict:
     """Run `pipeline` here (a temporary Prefect server unless PREFECT_API_URL is set); the report.
 
-    `quiet`: Prefect's console shows warnings only, and no tracebacks for user errors.
+    `quiet`: Prefect's console shows warnings only, and no tracebacks for user errors. Flow-run
+    heartbeats are off: they detect crashed runs for a worker (there is none here), and each flow
+    would wait up to a second at its end for the heartbeat thread.
     """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
     if quiet:
         quiet_prefect()
-    return pipeline(config_path=config_path, overrides=list(overrides or []), until=until, refresh=refresh)
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        return pipeline(config_path=config_path, overrides=list(overrides or []), until=until, refresh=refresh)

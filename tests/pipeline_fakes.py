@@ -79,7 +79,8 @@ def pretrain(config, data_dir, out_dir, callbacks=()):
             f.write(json.dumps(r) + "\n")
             for cb in callbacks:
                 cb("eval" if "val_loss" in r else "log", r)
-    _save_model(out / "final", {"model": config.model.model_dump(), "lr": config.train.lr})
+    _save_model(out / "final", {"model": config.model.model_dump(), "lr": config.train.lr,
+                                "data": sha256_file(Path(data_dir) / "manifest.json")})
     summary = {"final_dir": str(out / "final"), "step": config.train.max_steps, "tokens": 100, "val_loss": 4.0,
                "val_bpb": val_bpb, "train_loss": rows[-2]["loss"], "seconds": 0.01}
     for cb in callbacks:

@@ -1,0 +1,189 @@
+"""The pipeline's orchestration: content-keyed caching, --until/--refresh, MLflow contents, the gate.
+
+The gptcore library functions are replaced by counting stand-ins (tests/pipeline_fakes.py), so
+these tests see exactly which stages did work; the real functions run in test_pipeline_real.py.
+Flows run in-process against one throwaway Prefect server for the whole module.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pipeline_fakes  # noqa: E402
+
+TINY = ["data.max_bytes=3000", "train.max_steps=12", "finetune.max_steps=4", "tracking.log_every=5"]
+STAGES = ["download", "train_tokenizer", "shard", "pretrain", "evaluate", "finetune", "register"]
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def shared_mlflow(tmp_path_factory):
+    """One MLflow store for the module (creating a sqlite store costs seconds); experiments per test."""
+    return "sqlite:///" + str(tmp_path_factory.mktemp("mlflow") / "mlflow.db")
+
+
+@pytest.fixture
+def pipe(prefect_server, shared_mlflow, tmp_path, monkeypatch, request):
+    """Run the pipeline on the stand-ins in tmp_path; returns (run(overrides, **kw) -> report, CALLS)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", shared_mlflow)
+    (tmp_path / "c.yaml").write_text(f"run: {{name: {request.node.name[5:40]}}}\n")
+    calls = pipeline_fakes.install(monkeypatch)
+    from flows.pipeline import run_pipeline
+
+    def run(overrides=(), **kw):
+        return run_pipeline("c.yaml", [*TINY, *overrides], quiet=False, **kw)
+
+    return run, calls
+
+
+def status(report) -> dict[str, str]:
+    return {r["stage"]: r["status"] for r in report["rows"]}
+
+
+def test_second_run_is_all_cache_hits_and_model_change_reruns_pretrain_not_tokenizer(pipe):
+    run, calls = pipe
+    first = run()
+    assert status(first) == {s: "computed" for s in STAGES}
+    assert dict(calls) == {s: 1 for s in STAGES if s != "register"}
+
+    second = run()
+    assert status(second) == {s: "cached" for s in STAGES}
+    assert dict(calls) == {s: 1 for s in STAGES if s != "register"}  # no stage did any work
+    assert [r["metric"] for r in second["rows"]][:6] == [r["metric"] for r in first["rows"]][:6]
+
+    third = run(["model.n_layer=1"])  # the model changed: data side cached, model side recomputed
+    assert status(third) == {"download": "cached", "train_tokenizer": "cached", "shard": "cached",
+                             "pretrain": "computed", "evaluate": "computed", "finetune": "computed",
+                             "register": "computed"}
+    assert calls["train_tokenizer"] == 1 and calls["pretrain"] == 2
+
+    fourth = run(["tokenizer.vocab_size=300"])  # the tokenizer changed: everything after download reruns
+    assert status(fourth)["download"] == "cached"
+    assert all(status(fourth)[s] == "computed" for s in STAGES[1:6])
+
+
+def test_refresh_recomputes_and_until_stops(pipe):
+    run, calls = pipe
+    report = run(until="shard")
+    assert [r["stage"] for r in report["rows"]] == ["download", "train_tokenizer", "shard"]
+    assert "pretrain" not in calls
+    report = run(until="shard", refresh=True)
+    assert set(status(report).values()) == {"computed"}
+    assert calls["download"] == 2 and calls["shard"] == 2
+
+
+def test_cache_entry_whose_files_were_deleted_is_recomputed(pipe):
+    import shutil
+
+    run, calls = pipe
+    report = run(until="train_tokenizer")
+    shutil.rmtree(Path(report["store"]) / "artifacts" / "train_tokenizer")
+    report = run(until="train_tokenizer")
+    assert status(report) == {"download": "cached", "train_tokenizer": "computed"}
+    assert (Path(report["store"]) / "artifacts" / "train_tokenizer").is_dir()
+
+
+def test_mlflow_holds_params_nested_runs_metrics_and_artifacts(pipe):
+    from mlflow.tracking import MlflowClient
+
+    from gptcore.config import load_config
+
+    run, _ = pipe
+    report = run()
+    c = MlflowClient(report["uri"])
+    parent = c.get_run(report["run_id"])
+    cfg = load_config("c.yaml", TINY)
+    assert parent.data.params == {k: str(v) for k, v in cfg.flat().items()}
+    assert parent.info.status == "FINISHED"
+    flow_run_id = parent.data.tags["prefect.flow_run_id"]
+    assert len(flow_run_id) == 36  # a UUID
+
+    children = {r.info.run_name: r for r in c.search_runs([report["experiment_id"]],
+                f"tags.mlflow.parentRunId = '{report['run_id']}'")}
+    assert set(children) == set(STAGES)
+    assert all(r.data.tags["prefect.flow_run_id"] for r in children.values())
+
+    pre = children["pretrain"]
+    loss = c.get_metric_history(pre.info.run_id, "loss")
+    assert [m.step for m in loss] == list(range(1, 13))  # every step arrived, in batches of 5
+    assert loss[0].value == pytest.approx(4.9)
+    assert c.get_metric_history(pre.info.run_id, "val_bpb")[0].value == pytest.approx(1000.0)
+    assert parent.data.metrics["evaluate.val_bpb"] == pytest.approx(1000.0)
+
+    def files(run_id, path=""):
+        out = []
+        for f in c.list_artifacts(run_id, path):
+            out += files(run_id, f.path) if f.is_dir else [f.path]
+        return set(out)
+
+    assert "tokenizer/tokenizer.json" in files(children["train_tokenizer"].info.run_id)
+    assert "manifest.json" in files(children["shard"].info.run_id)
+    assert {"model/config.json", "model/model.safetensors", "loss.png"} <= files(pre.info.run_id)
+    assert {"eval.json", "eval.txt", "samples.txt"} <= files(children["evaluate"].info.run_id)
+    assert "samples.txt" in files(children["finetune"].info.run_id)
+    assert "summary.md" in files(report["run_id"])
+    png = Path(c.download_artifacts(pre.info.run_id, "loss.png"))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a cached rerun: new runs tagged cached, key metrics re-attached, pointing at the source run
+    again = run()
+    kids = {r.info.run_name: r for r in c.search_runs([again["experiment_id"]],
+            f"tags.mlflow.parentRunId = '{again['run_id']}'")}
+    assert kids["pretrain"].data.tags["gptcore.cached"] == "true"
+    assert kids["pretrain"].data.tags["gptcore.source_run_id"] == pre.info.run_id
+    assert kids["pretrain"].data.metrics["val_bpb"] == pytest.approx(1000.0)
+
+
+def test_promotion_gate_moves_champion_only_for_better_bpb(pipe, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    run, _ = pipe  # the stand-in's val bpb is 1 / train.lr: a higher lr "wins"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///gate.db")  # an empty registry of its own
+    r1 = run(["train.lr=0.001"])
+    c = MlflowClient(r1["uri"])
+    assert c.get_model_version_by_alias("gptcore-pretrained", "champion").version == 1
+
+    run(["train.lr=0.002"])  # bpb 500 < 1000: promoted
+    assert c.get_model_version_by_alias("gptcore-pretrained", "champion").version == 2
+
+    r3 = run(["train.lr=0.0005"])  # bpb 2000: registered as candidate, champion stays
+    assert c.get_model_version_by_alias("gptcore-pretrained", "candidate").version == 3
+    assert c.get_model_version_by_alias("gptcore-pretrained", "champion").version == 2
+    why = c.get_model_version("gptcore-pretrained", "3").tags["promotion"]
+    assert why.startswith("kept champion") and "2000.0000" in why and "500.0000" in why
+    reg = [row for row in r3["rows"] if row["stage"] == "register"][0]
+    assert "kept champion" in c.get_run(reg["run_id"]).data.tags["promotion"]
+    text = Path(c.download_artifacts(reg["run_id"], "promotion.txt")).read_text()
+    assert "gptcore-pretrained v3: kept champion" in text
+
+    # the same model again is not a new version
+    run(["train.lr=0.0005"])
+    assert len(c.search_model_versions("name='gptcore-pretrained'")) == 3
+    src = c.get_model_version("gptcore-pretrained", "1").source
+    assert src.endswith("/model")
+    cfg = json.loads(Path(c.download_artifacts(c.get_model_version("gptcore-pretrained", "1").run_id,
+                                               "model/config.json")).read_text())
+    assert cfg["lr"] == 0.001
+
+
+def test_tracking_disabled_runs_without_mlflow(pipe, tmp_path, monkeypatch):
+    run, calls = pipe
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    report = run(["tracking.enabled=false"])
+    assert report["uri"] is None and report["run_id"] is None
+    assert report["rows"][-1]["metric"] == "tracking disabled"
+    assert calls["finetune"] == 1
+    assert not (tmp_path / "mlflow.db").exists()
