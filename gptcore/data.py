@@ -352,8 +352,10 @@ def prepare(config, out_dir: str | Path, progress: bool | None = None) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)
-    docs = iter_documents(config.data)
-    if next(docs, None) is None:
+    probe = iter_documents(config.data)  # fail fast (before training a tokenizer) on an empty source
+    empty = next(probe, None) is None
+    probe.close()
+    if empty:
         raise DataError("the source yielded no documents", config.data.source,
                         "point data.source at non-empty text (or raise data.max_bytes)")
     config_sha = config.section_hash("data", "tokenizer", exclude=("data.num_proc",))

@@ -235,6 +235,21 @@ def test_hf_source_parsing_and_offline_error():
     assert "hf:no-such-user/no-such-dataset" in str(err.value)
 
 
+def test_hf_source_streams_a_local_dataset_folder(tmp_path):
+    """The hf: path end to end, offline: `load_dataset(<folder>, streaming=True)` on local JSONL."""
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    rows = [{"content": f"row {i} " + "x" * i, "n": i} for i in range(25)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    section = config_from_dict({"data": {"source": f"hf:{folder}@train", "text_field": "content", "max_bytes": 100}}).data
+    docs = list(iter_documents(section))
+    assert docs[:3] == ["row 0 ", "row 1 x", "row 2 xx"]
+    assert sum(len(d) for d in docs) == 100
+    section = config_from_dict({"data": {"source": f"hf:{folder}"}}).data
+    with pytest.raises(DataError, match="no column 'text'"):
+        list(iter_documents(section))
+
+
 def test_download_writes_jsonl_atomically_and_reads_back(tmp_path):
     _write_local_corpus(tmp_path)
     section = config_from_dict({"data": {"source": f"files:{tmp_path}/*"}}).data
