@@ -25,6 +25,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
 from collections import deque
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -63,6 +64,9 @@ _WORKER: dict = {}
 
 
 def _init_worker(tokenizer, dtype) -> None:
+    # Ctrl-C is the parent's to handle (it terminates the pool); SIGTERM from terminate() just ends us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _WORKER.update(tokenizer=tokenizer, dtype=dtype)
 
 
