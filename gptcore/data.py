@@ -50,10 +50,15 @@ SPLIT_RULE = ("val if blake2b-64(utf-8 bytes of the document) / 2^64 < val_fract
 MANIFEST_FORMAT = "gptcore-shards/1"
 
 
+def hash_split(data: bytes, val_fraction: float) -> tuple[bytes, str]:
+    """(8-byte blake2b digest, 'val' | 'train') of a document's UTF-8 bytes: the split rule."""
+    digest = hashlib.blake2b(data, digest_size=8).digest()
+    return digest, "val" if int.from_bytes(digest, "big") < val_fraction * 2.0**64 else "train"
+
+
 def split_of(text: str, val_fraction: float) -> str:
     """'val' or 'train' for one document, from a hash of its bytes alone."""
-    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return "val" if int.from_bytes(h, "big") < val_fraction * 2.0**64 else "train"
+    return hash_split(text.encode("utf-8"), val_fraction)[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,8 +87,7 @@ def _encode_docs(docs: list[str], first: int, val_fraction: float, skip_before: 
     out = []
     for i, text in enumerate(docs, first):
         data = text.encode("utf-8")
-        digest = hashlib.blake2b(data, digest_size=8).digest()
-        split = "val" if int.from_bytes(digest, "big") < val_fraction * 2.0**64 else "train"
+        digest, split = hash_split(data, val_fraction)
         ids = None
         if i >= skip_before[split]:
             ids = np.array([eot, *tokenizer.encode_ordinary(text)], dtype=dtype)
@@ -243,6 +247,8 @@ def prepare_shards(
     if tokenizer.eot_id is None:
         raise DataError("the tokenizer has no <|endoftext|> token to separate documents", "tokenizer.special_tokens",
                         "train it with '<|endoftext|>' among its special tokens")
+    if shard_tokens < 1:
+        raise DataError(f"shard_tokens {shard_tokens} is not positive", "data.shard_tokens", "use e.g. 10000000")
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction {val_fraction} is not between 0 and 1", "data.val_fraction", "use e.g. 0.02")
     num_proc = num_proc or len(os.sched_getaffinity(0))
