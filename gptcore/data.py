@@ -235,11 +235,13 @@ def prepare_shards(
     source: str = "<documents>",
     extra: dict | None = None,
     progress: bool | None = None,
+    total_bytes: int | None = None,
 ) -> dict:
     """Tokenize `documents` into train/val shards plus manifest.json in `out_dir`; return the manifest.
 
     Every document becomes [eot, *tokens]. `extra` (JSON) is stored in the manifest's settings:
-    a resume only reuses shards written under identical settings.
+    a resume only reuses shards written under identical settings. `total_bytes` (e.g. max_bytes)
+    only sizes the progress bar, which shows bytes read and tokens written.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -300,7 +302,7 @@ def prepare_shards(
     atomic_write_json(manifest_path, manifest(False))
     pending = None  # one document of look-ahead: the last one may still have to change split
     with _worker_pool(num_proc, tokenizer, dtype) as pool, \
-            progress_bar(None, f"sharding {source}", unit="B", enabled=progress) as bar:
+            progress_bar(total_bytes, f"sharding {source}", unit="B", enabled=progress) as bar:
         for digest, nbytes, split, ids in _encoded(texts(), pool, 2 * num_proc, tokenizer, dtype, val_fraction, skip_before):
             chain.update(digest)
             seen += 1
@@ -381,7 +383,8 @@ def prepare(config, out_dir: str | Path, progress: bool | None = None) -> dict:
         tokenizer.save(tok_dir)
     d = config.data
     return prepare_shards(iter_documents(d), tokenizer, out_dir, shard_tokens=d.shard_tokens, val_fraction=d.val_fraction,
-                          num_proc=d.num_proc, source=d.source, extra={"config_sha256": config_sha}, progress=progress)
+                          num_proc=d.num_proc, source=d.source, extra={"config_sha256": config_sha}, progress=progress,
+                          total_bytes=d.max_bytes)
 
 
 # --------------------------------------------------------------------------------------------
