@@ -451,6 +451,36 @@ def test_prepare_trains_a_tokenizer_and_is_idempotent(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+def test_interrupted_prepare_resumes_with_the_same_tokenizer(tmp_path, monkeypatch):
+    import gptcore.data as data_mod
+    import gptcore.tokenizer as tok_mod
+
+    cfg = config_from_dict({"data": {"max_bytes": 150_000, "shard_tokens": 4000, "num_proc": 1, "val_fraction": 0.2},
+                            "tokenizer": {"vocab_size": 300}})
+    clean = prepare(cfg, tmp_path / "clean")
+
+    real = data_mod.iter_documents
+    calls = []
+
+    def interrupt_while_sharding(section):  # 1st call: empty-source probe, 2nd: tokenizer, 3rd: shards
+        calls.append(1)
+        return _interrupted(real(section), 11) if len(calls) == 3 else real(section)  # after one batch
+
+    monkeypatch.setattr(data_mod, "iter_documents", interrupt_while_sharding)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg, tmp_path / "d")
+    monkeypatch.setattr(data_mod, "iter_documents", real)
+    partial = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert not partial["complete"] and partial["splits"]["train"]["shards"]
+
+    def no_training(*a, **k):
+        raise AssertionError("the saved tokenizer of the interrupted run should be reused")
+
+    monkeypatch.setattr(tok_mod, "train_tokenizer", no_training)
+    resumed = prepare(cfg, tmp_path / "d")
+    assert resumed["splits"] == clean["splits"] and resumed["tokenizer_sha256"] == clean["tokenizer_sha256"]
+
+
 def test_cli_prepare_from_local_files(tmp_path, run_cli):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
