@@ -253,7 +253,7 @@ def prepare_shards(
         raise DataError(f"shard_tokens {shard_tokens} is not positive", "data.shard_tokens", "use e.g. 10000000")
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction {val_fraction} is not between 0 and 1", "data.val_fraction", "use e.g. 0.02")
-    num_proc = num_proc or len(os.sched_getaffinity(0))
+    num_proc = num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     dtype = token_dtype(tokenizer.vocab_size)
     tok_sha = tokenizer.sha256  # read once: some tokenizers hash their content on every access
     settings = {
