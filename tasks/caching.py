@@ -62,13 +62,18 @@ def artifact_dir(store: str | Path, stage: str, key: str) -> Path:
 
 
 @contextlib.contextmanager
-def stage_lock(store: str | Path, stage: str, key: str) -> Iterator[None]:
-    """Hold an exclusive lock on (stage, key) across processes; blocks while another run holds it."""
-    path = Path(store) / "locks" / f"{stage}-{key}.lock"
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive OS lock on `path` (created if missing); blocks while another process holds it."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # closing releases the lock
+        os.close(fd)  # closing releases the lock; so does the kernel if we are killed
+
+
+def stage_lock(store: str | Path, stage: str, key: str):
+    """The lock of one (stage, key): a second run computing the same thing waits here."""
+    return file_lock(Path(store) / "locks" / f"{stage}-{key}.lock")

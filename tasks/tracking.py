@@ -28,6 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from gptcore.config import Config
+from tasks.caching import file_lock
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 
@@ -41,7 +42,12 @@ def tracking_uri(cfg: Config) -> str:
 
 
 def client(uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=uri)
+    """A client for `uri`. A new sqlite store is created under a file lock: MLflow's table creation
+    is not safe when two processes create the same store at once."""
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    with file_lock(uri[len("sqlite:///"):] + ".lock"):
+        return MlflowClient(tracking_uri=uri)  # connects, creating the tables if needed
 
 
 def experiment_id(c: MlflowClient, name: str) -> str:

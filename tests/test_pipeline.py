@@ -8,6 +8,8 @@ Flows run in-process against one throwaway Prefect server for the whole module.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,10 +24,12 @@ STAGES = ["download", "train_tokenizer", "shard", "pretrain", "evaluate", "finet
 
 @pytest.fixture(scope="module")
 def prefect_server():
+    """A throwaway Prefect server for the module; yields its API URL (for subprocesses too)."""
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +191,57 @@ def test_tracking_disabled_runs_without_mlflow(pipe, tmp_path, monkeypatch):
     assert report["rows"][-1]["metric"] == "tracking disabled"
     assert calls["finetune"] == 1
     assert not (tmp_path / "mlflow.db").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# `gptcore run` in subprocesses (the real CLI on the stand-ins), against the module's server
+
+FAKES = Path(__file__).resolve().parent / "pipeline_fakes.py"
+CLI_TINY = [a for o in TINY for a in ("--set", o)]
+
+
+def fake_cli(cwd, api_url, *args, env=None):
+    e = dict(os.environ, PREFECT_API_URL=api_url, MLFLOW_TRACKING_URI=f"sqlite:///{cwd}/mlflow.db", **(env or {}))
+    return subprocess.Popen([sys.executable, str(FAKES), *map(str, args)], cwd=cwd, env=e, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _runs(cwd, experiment="t"):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{cwd}/mlflow.db")
+    exp = c.get_experiment_by_name(experiment)
+    return {r.info.run_name: r for r in c.search_runs([exp.experiment_id])} if exp else {}
+
+
+def test_damaged_input_inside_a_stage_is_one_error_line_and_a_failed_run(prefect_server, tmp_path):
+    (tmp_path / "c.yaml").write_text("run: {name: t}\n")
+    p = fake_cli(tmp_path, prefect_server, "run", "c.yaml", *CLI_TINY, env={"FAKE_FAIL": "prepare_shards"})
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 2
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error")] == [
+        "error: shard file is damaged (bad magic) (x/train_000.bin): rerun with --refresh"]
+    runs = _runs(tmp_path)
+    assert runs["pipeline"].info.status == "FAILED" and runs["shard"].info.status == "FAILED"
+    assert runs["train_tokenizer"].info.status == "FINISHED" and "pretrain" not in runs
+    assert list((tmp_path / ".gptcore" / "artifacts").iterdir()) != []  # finished stages stay cached
+
+
+def test_two_runs_at_once_share_the_store_without_redoing_work(prefect_server, tmp_path):
+    (tmp_path / "c.yaml").write_text("run: {name: t}\n")
+    procs = [fake_cli(tmp_path, prefect_server, "run", "c.yaml", *CLI_TINY) for _ in range(2)]
+    outs = [p.communicate(timeout=400) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e for _, e in outs]
+    tables = [[line.split() for line in out.splitlines()[1:8]] for out, _ in outs]
+    for stage in range(6):  # each stage's work was done by exactly one of the two runs
+        statuses = sorted(t[stage][1] for t in tables)
+        assert statuses in (["cached", "computed"], ["computed", "cached"]), tables
+    metrics = [[" ".join(row[3:]) for row in t[:6]] for t in tables]
+    assert metrics[0] == metrics[1]
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parents = c.search_runs([c.get_experiment_by_name("t").experiment_id], "attributes.run_name = 'pipeline'")
+    assert sorted(r.info.status for r in parents) == ["FINISHED", "FINISHED"]
+    assert len(c.search_model_versions("name='gptcore-pretrained'")) == 1  # not registered twice
