@@ -201,6 +201,22 @@ def plan(config, gpu: str | None = None, world_size: int = 1, vocab_size: int | 
     }
 
 
+def require_fit(config, gpu: str, world_size: int = 1, vocab_size: int | None = None) -> bool:
+    """Raise ConfigError unless the run fits `gpu` as configured (FSDP may be switched on when
+    `train.fsdp: auto`); return whether to use FSDP. `pretrain` calls this before building anything."""
+    p = plan(config, gpu=gpu, world_size=world_size, vocab_size=vocab_size)
+    c, r = p["configured"], p["recommendation"]
+    auto = config.train.fsdp == "auto" and world_size > 1
+    if p["fits"]:
+        return c["fsdp"]
+    if r is not None and auto and r == {**c, "fsdp": True}:
+        return True
+    fix = ("; ".join(p["notes"]) if r is None else
+           "use " + " ".join(f"--set train.{k}={str(v).lower()}" for k, v in r.items()) + " (see `gptcore plan CONFIG`)")
+    raise ConfigError(f"this run does not fit {world_size} × {p['device']}: {p['memory_gib']['total']:.1f} GiB needed per device, "
+                      f"{p['usable_gib']:.1f} GiB usable", "train", fix)
+
+
 def _cpu_memory_gib() -> float:
     try:
         with open("/proc/meminfo") as f:

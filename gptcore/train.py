@@ -158,7 +158,7 @@ def pretrain(config, data_dir: str | Path, out_dir: str | Path, callbacks: Seque
     from gptcore.data import ShardLoader
     from gptcore.evaluate import val_metrics
     from gptcore.optim import build_optimizer, lr_at, set_lr
-    from gptcore.plan import model_config, peak_flops, plan
+    from gptcore.plan import model_config, peak_flops, require_fit
     from gptcore.progress import progress_bar
 
     t = config.train
@@ -187,12 +187,7 @@ def pretrain(config, data_dir: str | Path, out_dir: str | Path, callbacks: Seque
 
         use_fsdp = info.enabled and _flag(t.fsdp, False)
         if device.type == "cuda":  # refuse a run that cannot fit before allocating anything
-            p = plan(config, gpu=torch.cuda.get_device_name(device), world_size=info.world_size, vocab_size=vocab)
-            if t.fsdp == "auto" and info.enabled and p["recommendation"] and p["recommendation"]["fsdp"]:
-                use_fsdp = True
-            if p["recommendation"] is None or not _fits_as_configured(p, use_fsdp):
-                raise ConfigError(f"this run does not fit {p['device']}: {p['memory_gib']['total']:.1f} GiB needed per device",
-                                  "train", "; ".join(p["notes"]) or "run `gptcore plan CONFIG` and apply its recommendation")
+            use_fsdp = require_fit(config, torch.cuda.get_device_name(device), info.world_size, vocab)
 
         # ---- model and optimizer (same init on every rank: same seed)
         _seed_everything(config.run.seed)
@@ -236,6 +231,7 @@ def pretrain(config, data_dir: str | Path, out_dir: str | Path, callbacks: Seque
         bad_in_row = 0
         window_t, window_tokens = time.perf_counter(), 0
         show = t.progress and info.is_main
+        shown: dict[str, str] = {}  # live fields beside the bar (count, rate and ETA are the bar's own)
         with metrics, progress_bar(t.max_steps, "pretrain", unit="step", enabled=None if show else False) as bar:
             bar.update(step)
             while step < t.max_steps:
@@ -271,7 +267,7 @@ def pretrain(config, data_dir: str | Path, out_dir: str | Path, callbacks: Seque
                            "tokens_per_s": tps, "mfu": raw.mfu(tps / info.world_size, peak, T)}
                     metrics.write(row)
                     _emit(callbacks, "log", row)
-                    bar.update(0, loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+                    shown["tok/s"] = f"{tps:,.0f}"
 
                 evaluated = False
                 if step % t.eval_every == 0 or step == t.max_steps:
@@ -296,7 +292,8 @@ def pretrain(config, data_dir: str | Path, out_dir: str | Path, callbacks: Seque
                         prune_checkpoints(out_dir, t.keep_last)
                         _emit(callbacks, "checkpoint", {"step": step, "path": str(path)})
                     D.barrier(info)
-                bar.update(1, loss=f"{train_loss:.4f}")
+                shown["loss"] = f"{loss:.4f}"
+                bar.update(1, **shown)
 
         # ---- the final model folder (the last step's weights; `best` names the best checkpoint)
         final_dir = out_dir / "final"
@@ -316,15 +313,6 @@ def pretrain(config, data_dir: str | Path, out_dir: str | Path, callbacks: Seque
         return summary
     finally:
         D.shutdown(info)
-
-
-def _fits_as_configured(p: dict, use_fsdp: bool) -> bool:
-    if p["fits"]:
-        return True
-    r = p["recommendation"]
-    c = p["configured"]
-    # FSDP switched on automatically is fine; any other change the user must make in the config
-    return r is not None and use_fsdp and {**c, "fsdp": True} == r
 
 
 def _module_with(raw: torch.nn.Module, full_sd: dict, gcfg, sharded: bool) -> torch.nn.Module:

@@ -63,6 +63,19 @@ def test_xl_needs_fsdp_or_refuses():
     assert off["recommendation"] is None  # the user forbade the one thing that would make it fit
 
 
+def test_require_fit_refuses_before_start():
+    from gptcore.plan import require_fit
+
+    assert require_fit(cfg("gpt2"), "NVIDIA H100 80GB HBM3") is False  # fits as configured: DDP
+    with pytest.raises(ConfigError, match="does not fit 1 × l4") as e:
+        require_fit(cfg("gpt2-xl", batch_size=8), "NVIDIA L4")
+    assert "more GPUs with FSDP" in e.value.fix
+    assert require_fit(cfg("gpt2-xl", batch_size=8), "NVIDIA A100-SXM4-40GB", world_size=8) is True  # fsdp: auto turns it on
+    with pytest.raises(ConfigError, match="does not fit") as e:  # checkpointing needed: the user must opt in
+        require_fit(cfg("gpt2-xl", batch_size=8), "NVIDIA L4", world_size=8)
+    assert "--set train.activation_checkpointing=true" in e.value.fix
+
+
 def test_gpu_names():
     assert gpu_spec("NVIDIA H100 80GB HBM3")[0] == "h100"
     assert gpu_spec("NVIDIA A100-SXM4-40GB")[2] == 40
