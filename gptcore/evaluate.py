@@ -70,17 +70,31 @@ def split_tokens(data_dir: str | Path, split: str = "val") -> np.ndarray:
     return np.concatenate(parts)
 
 
-def unigram_bpb(data_dir: str | Path) -> float:
-    """Bits per byte on the val split of a context-free model of the training shards (add-one smoothed)."""
-    man = read_manifest(data_dir)
-    V = int(man.get("vocab_size") or 0)
-    train, val = split_tokens(data_dir, "train"), split_tokens(data_dir, "val")
-    V = max(V, int(train.max()) + 1, int(val.max()) + 1)
-    counts = np.bincount(train.astype(np.int64), minlength=V).astype(np.float64)
-    logp = np.log((counts + 1.0) / (counts.sum() + V))  # (V,) nats
-    nats_per_token = -logp[val.astype(np.int64)].mean()
-    tokens, nbytes = split_stats(data_dir, "val")
-    return float(nats_per_token / LN2 * tokens / nbytes)
+def _shards(data_dir: str | Path, split: str) -> Iterable[np.ndarray]:
+    from gptcore.data import read_shard
+
+    for shard in _split_info(read_manifest(data_dir), split).get("shards", []):
+        yield read_shard(Path(data_dir) / shard["file"])
+
+
+def unigram_bpb(data_dir: str | Path, chunk: int = 1 << 26) -> float:
+    """Bits per byte on the val split of a context-free model of the training shards (add-one smoothed).
+
+    Counts stream through the memmapped shards in chunks, so 10B training tokens need no more memory
+    than one chunk.
+    """
+    counts = np.zeros(int(read_manifest(data_dir).get("vocab_size") or 1), dtype=np.int64)  # (V,)
+    for tokens in _shards(data_dir, "train"):
+        for i in range(0, len(tokens), chunk):
+            c = np.bincount(tokens[i:i + chunk], minlength=len(counts))
+            counts = np.pad(counts, (0, len(c) - len(counts))) + c
+    val = np.concatenate(list(_shards(data_dir, "val")))
+    counts = np.pad(counts, (0, max(0, int(val.max()) + 1 - len(counts))))
+    V = len(counts)
+    logp = np.log((counts + 1.0) / (counts.sum() + V))  # (V,) nats per token, add-one smoothed
+    nats, n = -float(logp[val].sum()), len(val)
+    tokens_val, nbytes = split_stats(data_dir, "val")
+    return float(nats / n / LN2 * tokens_val / nbytes)
 
 
 # ---------------------------------------------------------------------------------------------
