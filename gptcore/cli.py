@@ -257,8 +257,9 @@ def pretrain_cmd(
 
     cfg = _load_config(config, overrides)
     s = pretrain(cfg, data, out or cfg.out_dir)
-    print(f"step {s['step']}  train loss {s['train_loss']:.4f}  val loss {s['val_loss']:.4f}  "
-          f"val bpb {s['val_bpb']:.4f}  ({s['seconds']:.0f} s)")
+    num = lambda k: "-" if s.get(k) is None else f"{s[k]:.4f}"  # noqa: E731
+    print(f"step {s['step']}  train loss {num('train_loss')}  val loss {num('val_loss')}  "
+          f"val bpb {num('val_bpb')}  ({s['seconds']:.0f} s)")
     print(f"model: {s['final_dir']}")
 
 
