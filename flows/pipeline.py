@@ -21,19 +21,27 @@ from tasks.stages import download, evaluate, finetune, pretrain, register, shard
 
 @flow(name="gptcore-pipeline")
 def pipeline(config_path: str = "configs/tiny.yaml", overrides: list[str] | None = None,
-             until: str = "register", refresh: bool = False) -> dict:
-    """The whole chain on one config; stops after `until`; `refresh` recomputes every stage."""
+             until: str = "register", refresh: bool = False, base: str | None = None) -> dict:
+    """The whole chain on one config; stops after `until`; `refresh` recomputes every stage.
+
+    `base`: a model folder to fine-tune instead of pre-training one (e.g. imported GPT-2 XL);
+    then only finetune and register run.
+    """
     cfg = load_config(config_path, overrides or [])
     with PipelineRun(cfg, check_until(until), refresh, config_path) as run:
-        corpus = run.stage("download", download)
-        tokenizer = run.stage("train_tokenizer", train_tokenizer, corpus=corpus)
-        shards = run.stage("shard", shard, corpus=corpus, tokenizer=tokenizer)
-        model = run.subflow(pretrain_flow, shards=shards)
-        scores = run.subflow(evaluate_flow, model=model, shards=shards)
+        if base:
+            model = run.given_model(base)
+        else:
+            corpus = run.stage("download", download)
+            tokenizer = run.stage("train_tokenizer", train_tokenizer, corpus=corpus)
+            shards = run.stage("shard", shard, corpus=corpus, tokenizer=tokenizer)
+            model = run.subflow(pretrain_flow, shards=shards)
+            scores = run.subflow(evaluate_flow, model=model, shards=shards)
+            model = dict(model, val_bpb=scores["val_bpb"])  # the gate compares evaluated bpb
         tuned = run.subflow(finetune_flow, model=model)
         run.stage("register", register, models={
-            "gptcore-pretrained": (dict(model, val_bpb=scores["val_bpb"]), "val_bpb"),  # gate: eval bpb
-            "gptcore-finetuned": (tuned, "val_loss_after"),    # gate: fine-tuning validation loss
+            "gptcore-pretrained": (model, "val_bpb"),        # gate: validation bits per byte
+            "gptcore-finetuned": (tuned, "val_loss_after"),  # gate: fine-tuning validation loss
         })
     return run.report()
 
@@ -57,7 +65,7 @@ def finetune_flow(ctx: dict, model: dict) -> dict:
 
 
 def run_pipeline(config_path: str, overrides: list[str] | None = None, until: str = "register",
-                 refresh: bool = False, quiet: bool = True) -> dict:
+                 refresh: bool = False, quiet: bool = True, base: str | None = None) -> dict:
     """Run `pipeline` here (a temporary Prefect server unless PREFECT_API_URL is set); the report.
 
     `quiet`: Prefect's console shows warnings only, and no tracebacks for user errors. Flow-run
@@ -69,4 +77,5 @@ def run_pipeline(config_path: str, overrides: list[str] | None = None, until: st
     if quiet:
         quiet_prefect()
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        return pipeline(config_path=config_path, overrides=list(overrides or []), until=until, refresh=refresh)
+        return pipeline(config_path=config_path, overrides=list(overrides or []), until=until, refresh=refresh,
+                        base=base)

@@ -136,6 +136,12 @@ class PipelineRun:
     def stage(self, stage: str, fn: Callable, **inputs: Any) -> dict:
         return self.record(run_stage(self.ctx, stage, fn, **inputs))
 
+    def given_model(self, path: str) -> dict:
+        """A model folder from outside the pipeline (to fine-tune), as if a stage had produced it."""
+        from gptcore.checkpoint import model_sha256
+
+        return {"dir": str(Path(path).resolve()), "sha256": model_sha256(path), "run_id": None}
+
     def subflow(self, flow_fn: Callable, **inputs: Any) -> dict:
         return self.record(flow_fn(ctx=self.ctx, **inputs))
 
@@ -183,12 +189,15 @@ def format_report(report: dict) -> str:
     lines += [f"{r['stage']:<{w}}  {r['status']:<8}  {r['seconds']:>6.1f}s  {r['metric']}" for r in rows]
     total = sum(r["seconds"] for r in rows)
     lines.append(f"{'total':<{w}}  {'':<8}  {total:>6.1f}s")
-    if report.get("uri"):
+    uri, exp, run_id = report.get("uri"), report.get("experiment_id"), report.get("run_id")
+    if uri and uri.startswith("http"):
+        lines += ["", f"MLflow: experiment '{report['experiment']}', open {uri}/#/experiments/{exp}/runs/{run_id}"]
+    elif uri:
         lines += [
             "",
-            f"MLflow: experiment '{report['experiment']}', run {report['run_id']} (store {report['uri']})",
-            f"  look at it:  make ui   (or: mlflow ui --backend-store-uri {report['uri']})",
-            f"  then open    http://127.0.0.1:5000/#/experiments/{report['experiment_id']}/runs/{report['run_id']}",
+            f"MLflow: experiment '{report['experiment']}', run {run_id} (store {uri})",
+            f"  look at it:  make ui   (or: mlflow ui --backend-store-uri {uri})",
+            f"  then open    http://127.0.0.1:5000/#/experiments/{exp}/runs/{run_id}",
         ]
     lines.append(f"artifacts and cache: {report['store']}")
     return "\n".join(lines)

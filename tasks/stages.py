@@ -221,6 +221,9 @@ def register(cfg: dict, models: dict[str, dict], track: dict | None = None) -> d
     out: dict[str, Any] = {"run_id": run_id, "new_versions": 0}
     decisions = []
     for name, (res, metric) in models.items():
+        if not isinstance(res.get(metric), (int, float)):
+            decisions.append(f"{name}: not registered (no {metric})")
+            continue
         source = _model_source(c, res, track)
         value = float(res[metric])
         version, new = tracking.register_version(c, name, source, res.get("run_id") or run_id, res["sha256"], metric, value)
