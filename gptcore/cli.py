@@ -323,25 +323,30 @@ def run_cmd(
                               "shard, pretrain, evaluate, finetune or register."),
     overrides: Optional[List[str]] = SetOpt,
     refresh: bool = typer.Option(False, "--refresh", help="Recompute every stage instead of using the cache."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Fine-tune this model folder instead of pre-training."),
 ) -> None:
     """Run the pipeline as Prefect flows tracked in MLflow: download -> tokenizer -> shards -> pretrain
     -> evaluate -> finetune -> register. Stages whose inputs did not change are cache hits."""
     _load_config(config, overrides)  # a bad config is one error line, before Prefect starts
+    if base is not None and not base.is_dir():
+        fail("base model folder not found", str(base), "pass a folder written by pretrain or `gptcore convert from-hf`")
     from flows.pipeline import run_pipeline
     from flows.runner import check_until, format_report
 
-    report = run_pipeline(str(config), overrides or [], check_until(until), refresh, quiet=not _DEBUG["on"])
+    report = run_pipeline(str(config), overrides or [], check_until(until), refresh, quiet=not _DEBUG["on"],
+                          base=str(base) if base else None)
     print(format_report(report))
 
 
 @app.command("deploy")
 def deploy_cmd(
-    pool: Optional[str] = typer.Option(None, "--pool", help="Only deployments on this work pool (default: all)."),
+    names: Optional[List[str]] = typer.Option(None, "--name", help="Only this deployment (repeatable; default: all)."),
 ) -> None:
-    """Register the deployments of prefect.yaml with the Prefect server at PREFECT_API_URL."""
+    """Register prefect.yaml's deployments (and their work pools) with the server at PREFECT_API_URL."""
     from flows.deploy import deploy
 
-    deploy(pool)
+    for line in deploy(names or []):
+        print(line)
 
 
 if __name__ == "__main__":
