@@ -72,13 +72,15 @@ def cpu_peak_flops() -> float:
     if threads not in _CPU_PEAK:
         n = 1024
         a, b = torch.ones(n, n), torch.ones(n, n)  # no RNG use: training stays reproducible
-        for _ in range(2):
-            a @ b
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 0.3:
-            a @ b
-            reps += 1
-        _CPU_PEAK[threads] = 2 * n**3 * reps / (time.perf_counter() - t0)
+        a @ b
+        best = 0.0
+        for _ in range(5):  # the fastest of five short windows: a shared machine disturbs some of them
+            reps, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < 0.06:
+                a @ b
+                reps += 1
+            best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+        _CPU_PEAK[threads] = best
     return _CPU_PEAK[threads]
 
 
