@@ -354,6 +354,9 @@ def evaluate_checkpoint(
 
     config = config or Config()
     ev = config.eval
+    for task in tasks:  # before loading anything
+        if task not in ("val", "samples", "hellaswag") and not task.startswith("mc:"):
+            raise DataError(f"unknown evaluation task '{task}'", "--tasks", "use val, samples, mc:PATH.jsonl or hellaswag")
     model, tokenizer = load_model(checkpoint_dir)
     result: dict[str, Any] = {"checkpoint": str(checkpoint_dir), "model_sha256": model_sha256(checkpoint_dir),
                               "params": model.num_params(), "tasks": {}}
