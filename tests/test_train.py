@@ -99,6 +99,25 @@ def test_accumulation_equals_bigger_batch():
     assert not torch.allclose(c.transformer.h[0].attn.c_attn.weight, _tiny_model().transformer.h[0].attn.c_attn.weight)
 
 
+def test_activation_checkpointing_gives_the_same_gradients():
+    """Recomputing each block in backward (model.gradient_checkpointing) changes memory, not math."""
+    from gptcore.train import train_step
+
+    torch.manual_seed(2)
+    x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
+    a, b = _tiny_model(), _tiny_model()
+    b.gradient_checkpointing = True
+    calls = {"a": 0, "b": 0}
+    a.transformer.h[0].mlp.c_fc.register_forward_hook(lambda *_: calls.__setitem__("a", calls["a"] + 1))
+    b.transformer.h[0].mlp.c_fc.register_forward_hook(lambda *_: calls.__setitem__("b", calls["b"] + 1))
+    la, na, _ = train_step(a, torch.optim.SGD(a.parameters(), lr=1.0), [(x, y)], grad_clip=0.0)
+    lb, nb, _ = train_step(b, torch.optim.SGD(b.parameters(), lr=1.0), [(x, y)], grad_clip=0.0)
+    assert calls == {"a": 1, "b": 2}  # the block really ran again in backward
+    assert la == lb and nb == pytest.approx(na, rel=1e-6)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+
+
 def test_nan_step_is_skipped():
     from gptcore.optim import build_optimizer
     from gptcore.train import train_step
