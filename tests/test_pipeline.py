@@ -245,3 +245,29 @@ def test_two_runs_at_once_share_the_store_without_redoing_work(prefect_server, t
     parents = c.search_runs([c.get_experiment_by_name("t").experiment_id], "attributes.run_name = 'pipeline'")
     assert sorted(r.info.status for r in parents) == ["FINISHED", "FINISHED"]
     assert len(c.search_model_versions("name='gptcore-pretrained'")) == 1  # not registered twice
+
+
+def test_download_retries_flaky_io_but_not_user_errors(pipe, monkeypatch):
+    from gptcore.errors import DataError
+
+    run, _ = pipe
+    attempts = []
+
+    def flaky(section, out_file):
+        attempts.append("flaky")
+        if len(attempts) == 1:
+            raise ConnectionError("the hub dropped the connection")
+        return pipeline_fakes.download(section, out_file)
+
+    monkeypatch.setattr(sys.modules["gptcore.data"], "download", flaky)
+    assert status(run(until="download")) == {"download": "computed"}
+    assert attempts == ["flaky", "flaky"]  # failed once, retried after a backoff, succeeded
+
+    def empty(section, out_file):
+        attempts.append("empty")
+        raise DataError("the source yielded no documents", section.source, "point data.source at text")
+
+    monkeypatch.setattr(sys.modules["gptcore.data"], "download", empty)
+    with pytest.raises(DataError, match="yielded no documents"):
+        run(["data.max_bytes=5000"], until="download")
+    assert attempts.count("empty") == 1  # bad input is not retried
