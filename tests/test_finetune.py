@@ -386,3 +386,24 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(base, tmp_path
     rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == list(range(1, 13))  # no step twice, none missing
+
+
+def test_gpt2_xl_lora_config_is_valid_and_its_estimate_fits_24gb():
+    from pathlib import Path
+
+    from gptcore.config import load_config
+    from gptcore.finetune import memory_estimate
+    from gptcore.plan import model_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "gpt2-xl-lora.yaml")
+    ft = cfg.finetune
+    assert (ft.method, ft.base_dtype, ft.activation_checkpointing) == ("lora", "bfloat16", True)
+    gcfg = model_config(cfg)
+    assert (gcfg.n_layer, gcfg.n_embd, gcfg.vocab_size) == (48, 1600, 50257)
+    est = memory_estimate(cfg, gcfg)
+    assert 1.5e9 < est["params"] < 1.6e9 and est["trainable_params"] == 19_660_800
+    assert est["weights"] == 2 * est["params"]  # bf16 frozen base
+    assert est["total"] < 20 * 2**30  # leaves room for the CUDA context on a 24 GB card
+    full = memory_estimate(load_config(Path(__file__).resolve().parents[1] / "configs" / "gpt2-xl-lora.yaml",
+                                       ["finetune.method=full", "finetune.base_dtype=float32"]), gcfg)
+    assert full["total"] > 24 * 2**30  # why LoRA: full fine-tuning of XL does not fit
