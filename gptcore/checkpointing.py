@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 import re
 import shutil
@@ -221,8 +222,10 @@ def prune_checkpoints(out_dir: str | Path, keep_last: int) -> list[Path]:
     if scored:
         keep.add(min(scored, key=lambda vp: vp[0])[1])
     removed = [p for _, p in ckpts if p not in keep]
-    for p in removed:
-        shutil.rmtree(p, ignore_errors=True)
+    for p in removed:  # renamed first, so a kill mid-delete leaves a temp (cleaned on resume), not half a checkpoint
+        doomed = p.with_name(f".{p.name}.deleted.tmp")
+        os.replace(p, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return removed
 
 
@@ -230,7 +233,10 @@ def best_checkpoint(out_dir: str | Path) -> Path | None:
     """The kept checkpoint with the lowest recorded val loss (None when none was evaluated)."""
     scored = []
     for _, p in list_checkpoints(out_dir):
-        v = read_state(p).get("val_loss")
+        try:
+            v = read_state(p).get("val_loss")
+        except CheckpointError:
+            continue
         if isinstance(v, (int, float)):
             scored.append((v, p))
     return min(scored, key=lambda vp: vp[0])[1] if scored else None
