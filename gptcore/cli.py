@@ -280,7 +280,7 @@ def plan_cmd(
 def evaluate_cmd(
     checkpoint: Path = typer.Argument(..., help="A model folder: RUN/final or RUN/checkpoints/step_NNNNNN."),
     data: Path = typer.Option(..., "--data", help="Folder written by `gptcore prepare`."),
-    tasks: Optional[List[str]] = typer.Option(None, "--tasks", help="val | samples | mc:PATH.jsonl | hellaswag (repeatable)."),
+    tasks: Optional[List[str]] = typer.Option(None, "--tasks", help="val | samples | mc:PATH.jsonl | hellaswag | lm-eval:TASK (repeatable)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Config for eval prompts/seeds/batches."),
     previous: Optional[Path] = typer.Option(None, "--previous", help="eval.json of the previous best model."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write eval.json (default: CHECKPOINT/eval.json)."),

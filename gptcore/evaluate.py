@@ -331,6 +331,17 @@ class LMEvalAdapter(_LMBase):
         return [self.tokenizer.eot_id] if self.tokenizer.eot_id is not None else []
 
 
+def run_lm_eval(model, tokenizer, tasks: Sequence[str], limit: int | None = None) -> dict[str, Any]:
+    """Any lm-evaluation-harness task on our model through `LMEvalAdapter` (needs `pip install lm-eval`)."""
+    if _LMBase is object:
+        raise DataError("lm-evaluation-harness is not installed", "lm-eval:" + "+".join(tasks),
+                        "pip install lm-eval, or use --tasks mc:PATH.jsonl / hellaswag")
+    import lm_eval  # type: ignore
+
+    out = lm_eval.simple_evaluate(model=LMEvalAdapter(model, tokenizer), tasks=list(tasks), limit=limit)
+    return {name: {k: v for k, v in r.items() if isinstance(v, (int, float))} for name, r in out["results"].items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # the evaluate verb
 
@@ -345,7 +356,8 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Evaluate a model folder (final/ or a checkpoint) on `tasks`; write `out_file` (eval.json).
 
-    tasks: "val" (loss, ppl, bpb + unigram baseline), "samples", "mc:PATH.jsonl", "hellaswag".
+    tasks: "val" (loss, ppl, bpb + unigram baseline), "samples", "mc:PATH.jsonl", "hellaswag",
+    "lm-eval:TASK[+TASK...]" (lm-evaluation-harness, when installed).
     `previous`: an eval.json (or a folder holding one) of the previous best model, shown beside ours.
     """
     from gptcore.checkpoint import load_model, model_sha256
@@ -355,8 +367,9 @@ def evaluate_checkpoint(
     config = config or Config()
     ev = config.eval
     for task in tasks:  # before loading anything
-        if task not in ("val", "samples", "hellaswag") and not task.startswith("mc:"):
-            raise DataError(f"unknown evaluation task '{task}'", "--tasks", "use val, samples, mc:PATH.jsonl or hellaswag")
+        if task not in ("val", "samples", "hellaswag") and not task.startswith(("mc:", "lm-eval:")):
+            raise DataError(f"unknown evaluation task '{task}'", "--tasks",
+                            "use val, samples, mc:PATH.jsonl, hellaswag or lm-eval:TASK[,TASK...]")
     model, tokenizer = load_model(checkpoint_dir)
     result: dict[str, Any] = {"checkpoint": str(checkpoint_dir), "model_sha256": model_sha256(checkpoint_dir),
                               "params": model.num_params(), "tasks": {}}
@@ -375,8 +388,8 @@ def evaluate_checkpoint(
             result["tasks"][task] = multiple_choice(model, tokenizer, load_mc_jsonl(task[3:]))
         elif task == "hellaswag":
             result["tasks"]["hellaswag"] = multiple_choice(model, tokenizer, hellaswag_items())
-        else:
-            raise DataError(f"unknown evaluation task '{task}'", "--tasks", "use val, samples, mc:PATH.jsonl or hellaswag")
+        elif task.startswith("lm-eval:"):
+            result["tasks"][task] = run_lm_eval(model, tokenizer, task.split(":", 1)[1].split("+"))
     if previous is not None:
         p = Path(previous)
         p = p / "eval.json" if p.is_dir() else p

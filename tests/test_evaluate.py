@@ -184,6 +184,16 @@ def test_hellaswag_offline_is_a_clear_error():
         hellaswag_items(limit=1)
 
 
+def test_lm_eval_task_without_the_harness_is_a_clear_error(pair):
+    from gptcore.evaluate import _LMBase, run_lm_eval
+
+    if _LMBase is not object:
+        pytest.skip("lm-eval is installed here; this checks the message when it is not")
+    model, tok, _ = pair
+    with pytest.raises(DataError, match="lm-evaluation-harness is not installed"):
+        run_lm_eval(model, tok, ["hellaswag"])
+
+
 def test_evaluate_cli_writes_eval_json(data_dir, tmp_path, run_cli):
     from gptcore.train import pretrain
 
