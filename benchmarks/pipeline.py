@@ -1,6 +1,6 @@
 """What Prefect + MLflow cost: the pipeline vs calling the same gptcore functions directly.
 
-    .venv/bin/python benchmarks/pipeline.py [--steps 40] [--max-bytes 500000]
+    .venv/bin/python benchmarks/pipeline.py [--steps 24] [--max-bytes 300000] [--repeats 2]
 
 Side by side, in one process, on one small config:
   direct     download -> train_tokenizer -> prepare_shards -> pretrain -> evaluate_checkpoint -> finetune
@@ -66,8 +66,9 @@ def direct(cfg, work: Path) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--max-bytes", type=int, default=500_000)
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--max-bytes", type=int, default=300_000)
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
 
     from gptcore.config import load_config
@@ -85,17 +86,22 @@ def main() -> None:
     run_pipeline(cfg_path, ov + ["data.max_bytes=1000"], until="download")  # starts the server, creates mlflow.db
     warm = time.perf_counter() - t0
 
-    d = direct(cfg, work / "direct")
-    t0 = time.perf_counter()
-    rep = run_pipeline(cfg_path, ov, refresh=True)
-    p_total = time.perf_counter() - t0
+    # interleaved repeats, best of each: 6 engineers share this machine's 2 cores
+    ds, ps = [], []
+    for i in range(args.repeats):
+        ds.append(direct(cfg, work / f"direct{i}"))
+        t0 = time.perf_counter()
+        rep = run_pipeline(cfg_path, ov, refresh=True)
+        ps.append(({r["stage"]: r["seconds"] for r in rep["rows"]}, time.perf_counter() - t0))
     t0 = time.perf_counter()
     cached = run_pipeline(cfg_path, ov)
     c_total = time.perf_counter() - t0
     assert all(r["status"] == "cached" for r in cached["rows"]), cached["rows"]
 
-    p = {r["stage"]: r["seconds"] for r in rep["rows"]}
-    d_total = sum(d.values())
+    d = {stage: min(x[stage] for x in ds) for stage in ds[0]}
+    d_total = min(sum(x.values()) for x in ds)
+    p = {stage: min(x[0][stage] for x in ps) for stage in ps[0][0]}
+    p_total = min(x[1] for x in ps)
     print(f"\n| stage | direct (s) | pipeline (s) | pipeline / direct |\n|---|---:|---:|---:|")
     for stage, sec in d.items():
         print(f"| {stage} | {sec:.2f} | {p[stage]:.2f} | {p[stage] / sec:.3f} |")
@@ -104,7 +110,7 @@ def main() -> None:
           f"(overhead {100 * (p_total / d_total - 1):+.1f}%) |")
     print(f"| cached rerun, all 7 stages hits | - | {c_total:.2f} | {c_total / d_total:.3f} |")
     print(f"| first call: temporary Prefect server + MLflow store creation | - | {warm:.2f} | - |")
-    print(f"\nconfig: configs/tiny.yaml + {' '.join(ov)}")
+    print(f"\nbest of {args.repeats} interleaved repeats per side; config: configs/tiny.yaml + {' '.join(ov)}")
 
 
 if __name__ == "__main__":

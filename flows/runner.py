@@ -75,9 +75,12 @@ def run_stage(ctx: dict, stage: str, fn: Callable, **inputs: Any) -> dict:
     if cached_task:
         kwargs.update(key=key, store=ctx["store"])
 
+    resumable = stage in ("shard", "pretrain", "finetune")  # they write into a stable folder
+
     def call(refresh: bool) -> tuple[dict, bool]:
         opts = dict(result_storage=Path(ctx["store"]) / "results", refresh_cache=refresh) if cached_task else {}
-        state = fn.with_options(**opts)(**kwargs, return_state=True)
+        extra = {"fresh": refresh} if resumable else {}
+        state = fn.with_options(**opts)(**kwargs, **extra, return_state=True)
         return state.result(), state.name == "Cached"
 
     t0 = time.perf_counter()

@@ -13,6 +13,7 @@ run holding its artifacts instead of uploading them again.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,17 @@ def _verified(path: str | Path, sha256: str, what: str) -> Path:
     return path
 
 
+def _stable_dir(store: str, stage: str, key: str, fresh: bool) -> Path:
+    """The stage's resumable folder; `fresh` (--refresh) empties it, but only on the first attempt,
+    so Prefect's retries still resume from the newest checkpoint."""
+    from prefect.runtime import task_run
+
+    out = artifact_dir(store, stage, key)
+    if fresh and task_run.run_count <= 1 and out.exists():
+        shutil.rmtree(out)
+    return out
+
+
 def _numbers(d: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -109,7 +121,8 @@ def train_tokenizer(cfg: dict, key: str, store: str, corpus: dict, track: dict |
 
 
 @task(name="shard", **CACHED)
-def shard(cfg: dict, key: str, store: str, corpus: dict, tokenizer: dict, track: dict | None = None) -> dict:
+def shard(cfg: dict, key: str, store: str, corpus: dict, tokenizer: dict, track: dict | None = None,
+          fresh: bool = False) -> dict:
     """Tokenize the corpus into train/val shards; the folder also carries its tokenizer.
 
     Written in place into its stable folder: `prepare_shards` keeps a manifest of finished shards,
@@ -122,7 +135,7 @@ def shard(cfg: dict, key: str, store: str, corpus: dict, tokenizer: dict, track:
     if tok.sha256 != tokenizer["sha256"]:
         raise CheckpointError("tokenizer changed since it was trained", tokenizer["dir"], "rerun with --refresh")
     docs = data.read_jsonl_documents(_verified(corpus["path"], corpus["sha256"], "corpus"))
-    out = artifact_dir(store, "shard", key)
+    out = _stable_dir(store, "shard", key, fresh)
     tok.save(out / "tokenizer")
     manifest = data.prepare_shards(docs, tok, out, shard_tokens=config.data.shard_tokens,
                                    val_fraction=config.data.val_fraction, num_proc=config.data.num_proc,
@@ -149,13 +162,13 @@ def _model_result(summary: dict, track: dict | None, out: Path, extra: dict) -> 
 
 
 @task(name="pretrain", retries=1, retry_condition_fn=_retry_unless_user_error, **CACHED)
-def pretrain(cfg: dict, key: str, store: str, shards: dict, track: dict | None = None) -> dict:
+def pretrain(cfg: dict, key: str, store: str, shards: dict, track: dict | None = None, fresh: bool = False) -> dict:
     """Pre-train in a stable folder per key: a retry resumes from its newest checkpoint."""
     from gptcore import train
 
     config = config_from_dict(cfg)
     _verified(Path(shards["dir"]) / "manifest.json", shards["sha256"], "shard manifest")
-    out = artifact_dir(store, "pretrain", key)
+    out = _stable_dir(store, "pretrain", key, fresh)
     c, run_id = _client(track)
     buf = tracking.MetricBuffer(c, run_id, every=config.tracking.log_every)
     summary = train.pretrain(config, shards["dir"], out, callbacks=[buf])
@@ -191,12 +204,12 @@ def evaluate(cfg: dict, key: str, store: str, model: dict, shards: dict, track: 
 
 
 @task(name="finetune", retries=1, retry_condition_fn=_retry_unless_user_error, **CACHED)
-def finetune(cfg: dict, key: str, store: str, model: dict, track: dict | None = None) -> dict:
+def finetune(cfg: dict, key: str, store: str, model: dict, track: dict | None = None, fresh: bool = False) -> dict:
     """LoRA (or full) fine-tuning of the pre-trained model, resumable in its stable folder."""
     from gptcore import finetune as ft
 
     config = config_from_dict(cfg)
-    out = artifact_dir(store, "finetune", key)
+    out = _stable_dir(store, "finetune", key, fresh)
     c, run_id = _client(track)
     buf = tracking.MetricBuffer(c, run_id, every=config.tracking.log_every)
     summary = ft.finetune(config, model["dir"], out, callbacks=[buf])

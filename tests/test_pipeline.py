@@ -87,6 +87,14 @@ def test_refresh_recomputes_and_until_stops(pipe):
     report = run(until="shard", refresh=True)
     assert set(status(report).values()) == {"computed"}
     assert calls["download"] == 2 and calls["shard"] == 2
+    # pre-training resumes from checkpoints in its folder; --refresh starts it from scratch
+    report = run(until="pretrain")
+    (marker,) = [d / "checkpoints-from-before" for d in (Path(report["store"]) / "artifacts" / "pretrain").iterdir()]
+    marker.write_text("x")
+    run(until="pretrain")
+    assert marker.exists()  # a cache hit touches nothing
+    run(until="pretrain", refresh=True)
+    assert not marker.exists() and calls["pretrain"] == 2
 
 
 def test_cache_entry_whose_files_were_deleted_is_recomputed(pipe):
