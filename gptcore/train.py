@@ -32,15 +32,15 @@ import torch
 
 from gptcore import distributed as D
 from gptcore.checkpointing import (
+    best_checkpoint,
     check_config,
     config_hash,
     hashed_view,
     latest_intact,
     prune_checkpoints,
+    rng_state,
     save_checkpoint,
     set_rng_state,
-    rng_state,
-    best_checkpoint,
 )
 from gptcore.errors import ConfigError, DataError, GptcoreError
 from gptcore.metrics import MetricsLog
