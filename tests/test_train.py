@@ -256,12 +256,15 @@ def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path, run_cli, kill
     env = {**os.environ, "GPTCORE_PROGRESS": "0", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "gptcore.cli", "pretrain", str(cfg_file), "--data", str(data_dir), "--out", str(out)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    target = out / "checkpoints" / ("step_000006" if kill_at == "after_first_checkpoint" else "step_000018")
+    def reached() -> bool:
+        if kill_at == "after_first_checkpoint":
+            return (out / "checkpoints" / "step_000006").exists()
+        # between checkpoints: step 20 logged (after checkpoint 18, before 24), the run mid-step
+        return any(r["step"] >= 20 for r in read_metrics(out / "metrics.jsonl"))
+
     deadline = time.time() + 120
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    if kill_at == "mid_run":
-        time.sleep(0.15)  # somewhere inside a later step, eval or checkpoint write
+    while not reached() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed: make it longer"
