@@ -64,7 +64,7 @@ def test_data_parallel_gloo_matches_single_process(data_dir, tmp_path, mode):
     out.mkdir()
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "GPTCORE_PROGRESS": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29533" if mode == "ddp" else "29534", str(driver), str(cfg_file), str(data_dir), str(out)],
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(driver), str(cfg_file), str(data_dir), str(out)],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -102,7 +102,7 @@ def test_fsdp_resume_is_bit_identical(data_dir, tmp_path):
         f = tmp_path / f"cfg{steps}.yaml"
         f.write_text(yaml.safe_dump(cfg.to_dict()))
         out.mkdir(exist_ok=True)
-        r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29535", str(driver), str(f), str(data_dir), str(out)],
+        r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(driver), str(f), str(data_dir), str(out)],
                            env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         return [row for row in read_metrics(out / "metrics.jsonl") if "loss" in row][-1]["loss"]
