@@ -64,6 +64,13 @@ def direct(cfg, work: Path) -> dict[str, float]:
     return t
 
 
+def _stage_result(report: dict, row: dict) -> dict:
+    """A stage's result metrics (work_seconds, tracking_seconds), read back from its MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    return dict(MlflowClient(report["uri"]).get_run(row["run_id"]).data.metrics)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=24)
@@ -92,24 +99,40 @@ def main() -> None:
         ds.append(direct(cfg, work / f"direct{i}"))
         t0 = time.perf_counter()
         rep = run_pipeline(cfg_path, ov, refresh=True)
-        ps.append(({r["stage"]: r["seconds"] for r in rep["rows"]}, time.perf_counter() - t0))
+        results = {r["stage"]: {**_stage_result(rep, r), "_seconds": r["seconds"]} for r in rep["rows"]}
+        ps.append(({r["stage"]: r["seconds"] for r in rep["rows"]}, time.perf_counter() - t0, results))
     t0 = time.perf_counter()
     cached = run_pipeline(cfg_path, ov)
     c_total = time.perf_counter() - t0
     assert all(r["status"] == "cached" for r in cached["rows"]), cached["rows"]
 
-    d = {stage: min(x[stage] for x in ds) for stage in ds[0]}
-    d_total = min(sum(x.values()) for x in ds)
-    p = {stage: min(x[0][stage] for x in ps) for stage in ps[0][0]}
-    p_total = min(x[1] for x in ps)
-    print(f"\n| stage | direct (s) | pipeline (s) | pipeline / direct |\n|---|---:|---:|---:|")
-    for stage, sec in d.items():
-        print(f"| {stage} | {sec:.2f} | {p[stage]:.2f} | {p[stage] / sec:.3f} |")
-    print(f"| register (pipeline only) | - | {p['register']:.2f} | - |")
-    print(f"| **whole chain** (flow wall clock) | {d_total:.2f} | {p_total:.2f} | **{p_total / d_total:.3f}** "
-          f"(overhead {100 * (p_total / d_total - 1):+.1f}%) |")
-    print(f"| cached rerun, all 7 stages hits | - | {c_total:.2f} | {c_total / d_total:.3f} |")
-    print(f"| first call: temporary Prefect server + MLflow store creation | - | {warm:.2f} | - |")
+    # wall clock on a shared machine is noisy (the same training step varies 3x between runs), so the
+    # overhead is also measured inside each pipeline run: stage time minus the gptcore call's time,
+    # plus the time the training loops spent in our MLflow callbacks
+    print("\n| stage | direct (s, best) | pipeline stage (s, best) | gptcore work inside (s) | overhead (s) |"
+          "\n|---|---:|---:|---:|---:|")
+    best = min(range(len(ps)), key=lambda i: ps[i][1])
+    rows = ps[best][2]
+    over_total = work_total = 0.0
+    for stage in ds[0]:
+        r = rows[stage]
+        work = r.get("work_seconds", 0.0)
+        over = r["_seconds"] - work
+        over_total, work_total = over_total + over, work_total + work
+        print(f"| {stage} | {min(x[stage] for x in ds):.2f} | {r['_seconds']:.2f} | {work:.2f} | {over:.2f}"
+              + (f" (of which MLflow callbacks {r['tracking_seconds']:.3f})" if "tracking_seconds" in r else "") + " |")
+    reg = rows["register"]["_seconds"]
+    print(f"| register (pipeline only) | - | {reg:.2f} | - | {reg:.2f} |")
+    flow_extra = ps[best][1] - sum(r["_seconds"] for r in rows.values())
+    print(f"| flows, sub-flows, parent MLflow run | - | {flow_extra:.2f} | - | {flow_extra:.2f} |")
+    over_total += reg + flow_extra
+    print(f"| **whole chain** | {min(sum(x.values()) for x in ds):.2f} | {ps[best][1]:.2f} | {work_total:.2f} | "
+          f"**{over_total:.2f} = {100 * over_total / work_total:.1f}% of the work** |")
+    for i, (dd, (pp, pt, _)) in enumerate(zip(ds, ps)):
+        print(f"| repeat {i}: whole chain (pretrain) | {sum(dd.values()):.2f} ({dd['pretrain']:.2f}) "
+              f"| {pt:.2f} ({pp['pretrain']:.2f}) | | |")
+    print(f"| cached rerun, all 7 stages hits | - | {c_total:.2f} | | |")
+    print(f"| first call: temporary Prefect server + MLflow store creation | - | {warm:.2f} | | |")
     print(f"\nbest of {args.repeats} interleaved repeats per side; config: configs/tiny.yaml + {' '.join(ov)}")
 
 

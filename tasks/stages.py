@@ -14,6 +14,7 @@ run holding its artifacts instead of uploading them again.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,17 @@ def _stable_dir(store: str, stage: str, key: str, fresh: bool) -> Path:
     return out
 
 
+class _Work:
+    """Times the gptcore call(s) of a task: `seconds` = the work, the rest of a stage is orchestration."""
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+
+
 def _numbers(d: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -94,9 +106,10 @@ def download(cfg: dict, key: str, store: str, track: dict | None = None) -> dict
 
     config = config_from_dict(cfg)
     out = artifact_dir(store, "download", key) / "corpus.jsonl"
-    info = data.download(config.data, out)
+    with _Work() as w:
+        info = data.download(config.data, out)
     return {"path": str(info["path"]), "sha256": info["sha256"], "bytes": info["bytes"],
-            "documents": info["documents"], "run_id": track and track["run_id"]}
+            "documents": info["documents"], "work_seconds": w.seconds, "run_id": track and track["run_id"]}
 
 
 @task(name="train_tokenizer", **CACHED)
@@ -106,18 +119,20 @@ def train_tokenizer(cfg: dict, key: str, store: str, corpus: dict, track: dict |
 
     config = config_from_dict(cfg)
     section = config.tokenizer
-    if section.path == "gpt2":
-        tok = tk.gpt2_tokenizer()
-    elif section.path:
-        tok = tk.load_tokenizer(section.path)
-    else:
-        texts = data.read_jsonl_documents(_verified(corpus["path"], corpus["sha256"], "corpus"))
-        tok = tk.train_tokenizer(texts, section)
     out = artifact_dir(store, "train_tokenizer", key)
-    with atomic_dir(out) as tmp:
-        tok.save(tmp)
+    with _Work() as w:
+        if section.path == "gpt2":
+            tok = tk.gpt2_tokenizer()
+        elif section.path:
+            tok = tk.load_tokenizer(section.path)
+        else:
+            texts = data.read_jsonl_documents(_verified(corpus["path"], corpus["sha256"], "corpus"))
+            tok = tk.train_tokenizer(texts, section)
+        with atomic_dir(out) as tmp:
+            tok.save(tmp)
     _log_artifact(track, out / "tokenizer.json", "tokenizer")
-    return {"dir": str(out), "sha256": tok.sha256, "vocab_size": tok.vocab_size, "run_id": track and track["run_id"]}
+    return {"dir": str(out), "sha256": tok.sha256, "vocab_size": tok.vocab_size, "work_seconds": w.seconds,
+            "run_id": track and track["run_id"]}
 
 
 @task(name="shard", **CACHED)
@@ -136,14 +151,15 @@ def shard(cfg: dict, key: str, store: str, corpus: dict, tokenizer: dict, track:
         raise CheckpointError("tokenizer changed since it was trained", tokenizer["dir"], "rerun with --refresh")
     docs = data.read_jsonl_documents(_verified(corpus["path"], corpus["sha256"], "corpus"))
     out = _stable_dir(store, "shard", key, fresh)
-    tok.save(out / "tokenizer")
-    manifest = data.prepare_shards(docs, tok, out, shard_tokens=config.data.shard_tokens,
-                                   val_fraction=config.data.val_fraction, num_proc=config.data.num_proc,
-                                   source=config.data.source)
+    with _Work() as w:
+        tok.save(out / "tokenizer")
+        manifest = data.prepare_shards(docs, tok, out, shard_tokens=config.data.shard_tokens,
+                                       val_fraction=config.data.val_fraction, num_proc=config.data.num_proc,
+                                       source=config.data.source)
     _log_artifact(track, out / "manifest.json")
     splits = manifest["splits"]
     return {"dir": str(out), "sha256": sha256_file(out / "manifest.json"), "train_tokens": splits["train"]["tokens"],
-            "val_tokens": splits["val"]["tokens"], "run_id": track and track["run_id"]}
+            "val_tokens": splits["val"]["tokens"], "work_seconds": w.seconds, "run_id": track and track["run_id"]}
 
 
 def _model_result(summary: dict, track: dict | None, out: Path, extra: dict) -> dict:
@@ -171,9 +187,10 @@ def pretrain(cfg: dict, key: str, store: str, shards: dict, track: dict | None =
     out = _stable_dir(store, "pretrain", key, fresh)
     c, run_id = _client(track)
     buf = tracking.MetricBuffer(c, run_id, every=config.tracking.log_every)
-    summary = train.pretrain(config, shards["dir"], out, callbacks=[buf])
+    with _Work() as w:
+        summary = train.pretrain(config, shards["dir"], out, callbacks=[buf])
     buf.flush()
-    return _model_result(summary, track, out, {})
+    return _model_result(summary, track, out, {"work_seconds": w.seconds - buf.seconds, "tracking_seconds": buf.seconds})
 
 
 @task(name="evaluate", **CACHED)
@@ -184,7 +201,7 @@ def evaluate(cfg: dict, key: str, store: str, model: dict, shards: dict, track: 
     config = config_from_dict(cfg)
     tasks_ = list(dict.fromkeys([*config.eval.tasks, "samples"]))
     out = artifact_dir(store, "evaluate", key)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp, _Work() as w:
         res = ev.evaluate_checkpoint(model["dir"], shards["dir"], config=config, tasks=tasks_, out_file=tmp / "eval.json")
         atomic_write_text(tmp / "eval.txt", ev.format_report(res) + "\n")
         samples = res["tasks"].get("samples", [])
@@ -199,7 +216,7 @@ def evaluate(cfg: dict, key: str, store: str, model: dict, shards: dict, track: 
     for name, r in res["tasks"].items():  # multiple-choice accuracies
         if isinstance(r, dict) and "acc" in r:
             result[f"{name}.acc"] = r["acc"]
-    result.update(dir=str(out), run_id=track and track["run_id"])
+    result.update(dir=str(out), work_seconds=w.seconds, run_id=track and track["run_id"])
     return result
 
 
@@ -212,13 +229,15 @@ def finetune(cfg: dict, key: str, store: str, model: dict, track: dict | None = 
     out = _stable_dir(store, "finetune", key, fresh)
     c, run_id = _client(track)
     buf = tracking.MetricBuffer(c, run_id, every=config.tracking.log_every)
-    summary = ft.finetune(config, model["dir"], out, callbacks=[buf])
+    with _Work() as w:
+        summary = ft.finetune(config, model["dir"], out, callbacks=[buf])
     buf.flush()
     for name in ("samples.txt", "confusion.txt", "eval.json"):
         _log_artifact(track, out / name)
     if summary.get("adapter_dir"):
         _log_artifact(track, summary["adapter_dir"], "adapter")
-    return _model_result(summary, track, out, {"task": str(summary.get("task", ""))})
+    return _model_result(summary, track, out, {"task": str(summary.get("task", "")), "work_seconds": w.seconds - buf.seconds,
+                                               "tracking_seconds": buf.seconds})
 
 
 @task(name="register")

@@ -106,20 +106,33 @@ class MetricBuffer:
         self.pending: list[Metric] = []
         self.rows: list[tuple[str, dict]] = []
         self.n_rows = 0
+        self.seconds = 0.0  # time spent here: what tracking cost the training loop
 
     def __call__(self, event: str, row: dict) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._add(event, row)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _add(self, event: str, row: dict) -> None:
         if event not in ("log", "eval"):
             if event == "end":
-                self.flush()
+                self._flush()
             return
         self.rows.append((event, dict(row)))
         step, ts = int(row.get("step", 0)), int(time.time() * 1000)
         self.pending += [Metric(k, float(v), ts, step) for k, v in row.items() if k != "step" and _finite(v)]
         self.n_rows += 1
         if self.n_rows % self.every == 0:
-            self.flush()
+            self._flush()
 
     def flush(self) -> None:
+        t0 = time.perf_counter()
+        self._flush()
+        self.seconds += time.perf_counter() - t0
+
+    def _flush(self) -> None:
         if self.c is not None and self.run_id and self.pending:
             for i in range(0, len(self.pending), 1000):  # MLflow's per-batch metric limit
                 self.c.log_batch(self.run_id, metrics=self.pending[i : i + 1000])
