@@ -268,12 +268,17 @@ def plan_cmd(
     config: Path = typer.Argument(..., help="YAML config."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU name (H100, A100-40GB, L4, RTX 4090...) or cpu."),
     world_size: int = typer.Option(1, "--world-size", "-n", help="Number of devices (torchrun processes)."),
+    finetune: bool = typer.Option(False, "--finetune", help="Plan the config's fine-tuning (finetune section) instead of pre-training."),
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
     """Parameters, memory per device, tokens/step, time per step and a recommendation."""
-    from gptcore.plan import format_plan, plan
+    from gptcore.plan import format_plan, format_plan_finetune, plan, plan_finetune
 
-    print(format_plan(plan(_load_config(config, overrides), gpu=gpu, world_size=world_size)))
+    cfg = _load_config(config, overrides)
+    if finetune:
+        print(format_plan_finetune(plan_finetune(cfg, gpu=gpu)))
+    else:
+        print(format_plan(plan(cfg, gpu=gpu, world_size=world_size)))
 
 
 @app.command("evaluate")

@@ -219,6 +219,81 @@ def require_fit(config, gpu: str, world_size: int = 1, vocab_size: int | None = 
                       f"{p['usable_gib']:.1f} GiB usable", "train", fix)
 
 
+def plan_finetune(config, gpu: str | None = None) -> dict[str, Any]:
+    """Memory and fit for `gptcore finetune` with `config.finetune` on one device.
+
+    Fine-tuning trains on one device: the frozen base (bf16 under LoRA with `finetune.base_dtype`),
+    the trained numbers' fp32 weight + grad + AdamW moments, the activations and the logits; the
+    arithmetic is `gptcore.finetune.memory_estimate`. No FSDP: a recommendation toggles activation
+    checkpointing, then halves the micro-batch (more accumulation, same examples per step).
+    """
+    from gptcore.finetune import memory_estimate
+
+    gcfg = model_config(config)
+    if gpu is None:
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    if gpu.lower() == "cpu":
+        name, mem_gib, bf16 = "cpu", _cpu_memory_gib(), False
+        usable = mem_gib * GiB * 0.7
+    else:
+        (name, _peak, mem_gib), bf16 = gpu_spec(gpu), True
+        usable = mem_gib * GiB * 0.9 - 1.0 * GiB
+    ft = config.finetune
+    configured = dict(batch_size=ft.batch_size, grad_accum=ft.grad_accum, activation_checkpointing=ft.activation_checkpointing)
+
+    def mem_of(c):
+        trial = config.model_copy(deep=True)
+        trial.finetune = ft.model_copy(update=c)
+        return memory_estimate(trial, gcfg, device_bf16=bf16)
+
+    candidates, b, a = [], ft.batch_size, ft.grad_accum
+    while True:
+        for ckpt in dict.fromkeys([ft.activation_checkpointing, True]):
+            candidates.append(dict(batch_size=b, grad_accum=a, activation_checkpointing=ckpt))
+        if b == 1 or b % 2:
+            break
+        b, a = b // 2, a * 2
+    recommendation = next((c for c in candidates if mem_of(c)["total"] <= usable), None)
+    mem = mem_of(configured)
+    notes = []
+    if recommendation is None:
+        notes.append(f"does not fit {name} ({mem_gib:.0f} GiB) even at micro-batch 1 with activation checkpointing; "
+                     "use LoRA with a bf16 base (finetune.method=lora, finetune.base_dtype=bfloat16) or a bigger GPU")
+    elif recommendation != configured:
+        notes.append("the configured setting does not fit; use the recommendation (same examples per step)")
+    return {
+        "stage": "finetune",
+        "model": gcfg.to_dict(),
+        "params": mem["params"],
+        "trainable_params": mem["trainable_params"],
+        "method": ft.method,
+        "device": name,
+        "device_memory_gib": mem_gib,
+        "memory_gib": {k: mem[k] / GiB for k in ("weights", "trainable_state", "activations", "logits", "total")},
+        "usable_gib": usable / GiB,
+        "fits": mem["total"] <= usable,
+        "configured": configured,
+        "recommendation": recommendation,
+        "notes": notes,
+    }
+
+
+def format_plan_finetune(p: dict[str, Any]) -> str:
+    m, r = p["memory_gib"], p["recommendation"]
+    rows = [
+        ("model", f"{p['model']['n_layer']} layers × {p['model']['n_embd']} wide, vocab {p['model']['vocab_size']}"),
+        ("parameters", f"{p['params'] / 1e6:,.1f} M, trained {p['trainable_params'] / 1e6:,.2f} M ({p['method']})"),
+        ("device", f"1 × {p['device']} ({p['device_memory_gib']:.0f} GiB, usable {p['usable_gib']:.1f})"),
+        ("memory / device", f"{m['total']:.2f} GiB = frozen weights {m['weights']:.2f} + trained state {m['trainable_state']:.2f}"
+                            f" + activations {m['activations']:.2f} + logits {m['logits']:.2f}"),
+        ("fits as configured", "yes" if p["fits"] else "NO"),
+        ("recommendation", "none fits" if r is None else
+         f"batch {r['batch_size']} × accum {r['grad_accum']}, activation checkpointing {'on' if r['activation_checkpointing'] else 'off'}"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join([f"{k:<{w}}  {v}" for k, v in rows] + [f"note: {n}" for n in p["notes"]])
+
+
 def _cpu_memory_gib() -> float:
     try:
         with open("/proc/meminfo") as f:

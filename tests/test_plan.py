@@ -94,3 +94,22 @@ def test_plan_cli(run_cli, tmp_path):
     assert "parameters" in r.stdout and "recommendation" in r.stdout
     r = run_cli("plan", tiny, "--gpu", "Voodoo 2")
     assert r.returncode == 2 and "unknown GPU" in r.stderr
+
+
+def test_plan_finetune_gpt2_xl_lora_fits_24gb_and_full_does_not():
+    """The shipped XL LoRA config fits a 24 GB card; full fine-tuning of 1.56B (16 B/param) cannot."""
+    from pathlib import Path
+
+    from gptcore.config import load_config
+    from gptcore.plan import plan_finetune
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "gpt2-xl-lora.yaml")
+    p = plan_finetune(cfg, gpu="RTX 4090")
+    # LoRA r=16 on c_attn (1600→4800), attn c_proj (1600→1600), c_fc (1600→6400), mlp c_proj (6400→1600), 48 layers
+    assert p["trainable_params"] == 48 * 16 * ((1600 + 4800) + (1600 + 1600) + (1600 + 6400) + (6400 + 1600))
+    assert p["params"] == 1_557_611_200
+    assert p["fits"] and p["memory_gib"]["total"] < 24
+    assert abs(p["memory_gib"]["weights"] - 1_557_611_200 * 2 / 1024**3) < 1e-6  # bf16 frozen base
+    full = load_config(Path(__file__).resolve().parents[1] / "configs" / "gpt2-xl-lora.yaml", ["finetune.method=full"])
+    q = plan_finetune(full, gpu="RTX 4090")
+    assert not q["fits"] and q["recommendation"] is None
