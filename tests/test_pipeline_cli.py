@@ -23,8 +23,10 @@ TINY = ["--set", "data.max_bytes=3000", "--set", "train.max_steps=6", "--set", "
 
 def fake_cli(tmp_path, *args, env=None, **kw):
     e = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", **(env or {}))
+    # SIGINT default in the child even if this test runs in a background job (where it is ignored)
     return subprocess.Popen([sys.executable, str(FAKES), *map(str, args)], cwd=tmp_path, env=e, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 @pytest.mark.parametrize("args, message", [
