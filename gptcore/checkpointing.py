@@ -211,16 +211,9 @@ def prune_checkpoints(out_dir: str | Path, keep_last: int) -> list[Path]:
     """Keep the newest `keep_last` checkpoints and the one with the lowest val loss; delete the rest."""
     ckpts = list_checkpoints(out_dir)
     keep = {p for _, p in ckpts[-keep_last:]}
-    scored = []
-    for _, p in ckpts:
-        try:
-            v = read_state(p).get("val_loss")
-        except CheckpointError:
-            continue
-        if isinstance(v, (int, float)):
-            scored.append((v, p))
-    if scored:
-        keep.add(min(scored, key=lambda vp: vp[0])[1])
+    best = best_checkpoint(out_dir)
+    if best is not None:
+        keep.add(best)
     removed = [p for _, p in ckpts if p not in keep]
     for p in removed:  # renamed first, so a kill mid-delete leaves a temp (cleaned on resume), not half a checkpoint
         doomed = p.with_name(f".{p.name}.deleted.tmp")

@@ -11,7 +11,7 @@ transposed on the way in and on the way out. Everything else (embeddings, LayerN
 copied as is, and lm_head is wte (tied).
 
 The tokenizer half: GPT-2's `vocab.json` / `merges.txt` spell every token's bytes as printable
-unicode characters through OpenAI's byte<->unicode table (`bytes_to_unicode`), which lives here.
+unicode characters through OpenAI's byte<->unicode table (`bytes_to_unicode`, from gptcore.tokenizer).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from gptcore.errors import CheckpointError, ConfigError
 from gptcore.fileio import atomic_dir
 from gptcore.model import GPT, GPTConfig
+from gptcore.tokenizer import bytes_to_unicode
 
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all GELU's tanh approximation
@@ -172,23 +173,6 @@ def save_hf_gpt2(model: GPT, out_dir: str | Path, tokenizer=None) -> Path:
 
 
 # ----------------------------------------------------------------------------- tokenizer files
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """OpenAI's table mapping each byte to a printable character, so BPE tokens can be JSON strings.
-
-    Printable bytes map to themselves ("a" -> "a"); the other 68 (controls, space, ...) go to
-    256, 257, ... in order, e.g. the space byte 32 -> "Ġ" (chr(288)), newline 10 -> "Ċ" (chr(266)).
-    """
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, n = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + n)
-            n += 1
-    return table
 
 
 def unicode_to_bytes() -> dict[str, int]:

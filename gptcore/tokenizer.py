@@ -168,7 +168,7 @@ class BPETokenizer(SpecialTokensMixin):
         """OpenAI's GPT-2 `encoder.json` + `vocab.bpe` (or HF's `vocab.json` + `merges.txt`).
 
         GPT-2 stores bytes as printable characters (byte 32 ' ' is 'Ġ', ...); we map them back."""
-        byte_of = {c: b for b, c in _gpt2_bytes_to_unicode().items()}
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
         try:
             encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
             lines = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")
@@ -419,9 +419,12 @@ def load_tokenizer(directory: str | Path) -> BPETokenizer | SentencePieceTokeniz
     return cls.load(directory)
 
 
-def _gpt2_bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table: printable bytes map to themselves, the other
-    68 to U+0100 onwards (so a space, byte 32, is 'Ġ' U+0120)."""
+def bytes_to_unicode() -> dict[int, str]:
+    """OpenAI's table mapping each byte to a printable character, so BPE tokens can be JSON strings.
+
+    Printable bytes map to themselves ("a" -> "a"); the other 68 (controls, space, ...) go to
+    256, 257, ... in order, e.g. the space byte 32 -> "Ġ" (chr(288)), newline 10 -> "Ċ" (chr(266)).
+    """
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     table, n = {}, 0
     for b in range(256):
