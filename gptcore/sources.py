@@ -31,27 +31,40 @@ from gptcore.errors import DataError
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
 
+def stdlib_order_key(name: str) -> str:
+    """Where a document named `name` ("file:json/decoder.py", "topic:assert") sits in the corpus."""
+    return hashlib.sha256(name.encode("utf-8")).hexdigest()
+
+
 def python_stdlib_documents() -> Iterator[str]:
-    """Every readable stdlib `.py` file (sorted by relative path), then every English pydoc topic."""
+    """Every readable stdlib `.py` file and every English pydoc topic, one document each.
+
+    The order is deterministic but not alphabetical: documents are sorted by a hash of their name
+    (`stdlib_order_key`), so a `data.max_bytes` prefix is a fair sample of the whole library — code
+    from every package, prose from the pydoc topics — rather than its alphabetically first folders
+    (`encodings/`, whose generated codec tables would dominate a small corpus).
+    """
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        (p for p in root.rglob("*.py") if not (_STDLIB_SKIP & set(p.relative_to(root).parts[:-1]))),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
-    for path in files:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):  # unreadable or not UTF-8: skip
-            continue
-        if text.strip():
-            yield text
+    names = [
+        ("file:" + p.relative_to(root).as_posix(), p)
+        for p in root.rglob("*.py")
+        if not (_STDLIB_SKIP & set(p.relative_to(root).parts[:-1]))
+    ]
     try:
         from pydoc_data.topics import topics
     except ImportError:  # some distributions strip pydoc_data
-        return
-    for name in sorted(topics):
-        if topics[name].strip():
-            yield topics[name]
+        topics = {}
+    names += [("topic:" + name, name) for name in topics]
+    for name, item in sorted(names, key=lambda n: stdlib_order_key(n[0])):
+        if name.startswith("topic:"):
+            text = topics[item]
+        else:
+            try:
+                text = item.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):  # unreadable or not UTF-8: skip
+                continue
+        if text.strip():
+            yield text
 
 
 def parse_hf_source(source: str) -> tuple[str, str | None, str]:

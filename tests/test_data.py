@@ -152,20 +152,33 @@ def test_damaged_shards_raise_naming_the_file(tmp_path, content, message):
 # sources
 
 
-def test_python_stdlib_documents_are_the_sorted_stdlib_then_pydoc_topics():
+def test_python_stdlib_documents_are_the_stdlib_and_pydoc_topics_in_name_hash_order():
+    import hashlib
     import sysconfig
 
     from pydoc_data.topics import topics
 
     root = Path(sysconfig.get_paths()["stdlib"])
     docs = list(python_stdlib_documents())
-    # reference: the first few stdlib files by sorted relative path (top level has no test dirs)
-    first = sorted(p for p in root.glob("*.py"))[:3]
-    names = sorted([p.relative_to(root).as_posix() for p in root.rglob("*.py")])
-    assert names[0] == first[0].name
-    assert docs[0] == first[0].read_text(encoding="utf-8")
-    assert docs[-len(topics):] == [topics[k] for k in sorted(topics) if topics[k].strip()]
+    # reference order: sha256 of "file:<relative path>" / "topic:<name>", computed here independently
+    named = [("file:" + p.relative_to(root).as_posix(), p) for p in root.glob("*.py")]
+    named += [("topic:" + k, k) for k in topics]
+    first_name, first = min(named, key=lambda n: hashlib.sha256(n[0].encode()).hexdigest())
+    top_level_first = first.read_text(encoding="utf-8") if first_name.startswith("file:") else topics[first]
+    assert top_level_first in docs
+    topic_docs = [topics[k] for k in sorted(topics, key=lambda k: hashlib.sha256(("topic:" + k).encode()).hexdigest()) if topics[k].strip()]
+    assert [d for d in docs if d in set(topic_docs)][: len(topic_docs)] == topic_docs  # topics keep their hash order
     assert list(python_stdlib_documents())[:50] == docs[:50]  # deterministic
+    # a 4 MB prefix mixes packages and prose: not dominated by encodings/' codec tables
+    prefix, size = [], 0
+    for d in docs:
+        prefix.append(d)
+        size += len(d.encode())
+        if size > 4_000_000:
+            break
+    codec_tables = sum(1 for d in prefix if "Codec APIs" in d and "decoding_table" in d)
+    assert codec_tables < len(prefix) // 10
+    assert any(d in set(topic_docs) for d in prefix)
     # reference count: os.walk, pruning third-party and test folders, readable non-empty UTF-8 files
     n = 0
     for dirpath, dirnames, filenames in os.walk(root):
