@@ -468,7 +468,7 @@ def test_interrupted_prepare_resumes_with_the_same_tokenizer(tmp_path, monkeypat
     import gptcore.data as data_mod
     import gptcore.tokenizer as tok_mod
 
-    cfg = config_from_dict({"data": {"max_bytes": 150_000, "shard_tokens": 4000, "num_proc": 1, "val_fraction": 0.2},
+    cfg = config_from_dict({"data": {"max_bytes": 400_000, "shard_tokens": 4000, "num_proc": 1, "val_fraction": 0.2},
                             "tokenizer": {"vocab_size": 300}})
     clean = prepare(cfg, tmp_path / "clean")
 
