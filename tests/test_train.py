@@ -28,7 +28,7 @@ TRAIN = {"max_steps": 24, "batch_size": 4, "num_threads": 1, "log_every": 2, "ev
 
 
 def make_config(**train):
-    return config_from_dict({"data": {"max_bytes": 120_000, "val_fraction": 0.1, "num_proc": 1},
+    return config_from_dict({"data": {"max_bytes": 400_000, "val_fraction": 0.1, "num_proc": 1},
                              "tokenizer": {"vocab_size": 384}, "model": dict(MODEL), "train": {**TRAIN, **train}})
 
 
