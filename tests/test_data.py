@@ -353,6 +353,16 @@ def _interrupted(docs, n):
         yield d
 
 
+def _interrupted_after_bytes(docs, limit):
+    """The documents, then Ctrl-C once more than `limit` UTF-8 bytes have gone by."""
+    seen = 0
+    for d in docs:
+        if seen > limit:
+            raise KeyboardInterrupt
+        seen += len(d.encode("utf-8"))
+        yield d
+
+
 def test_resume_after_interruption_skips_finished_shards(tmp_path, tok):
     docs = make_docs(300, seed=3)
     full = prepare_shards(iter(docs), tok, tmp_path / "full", shard_tokens=4000, val_fraction=0.1, num_proc=1)
@@ -477,7 +487,7 @@ def test_interrupted_prepare_resumes_with_the_same_tokenizer(tmp_path, monkeypat
 
     def interrupt_while_sharding(section):  # 1st call: empty-source probe, 2nd: tokenizer, 3rd: shards
         calls.append(1)
-        return _interrupted(real(section), 11) if len(calls) == 3 else real(section)  # after one batch
+        return _interrupted_after_bytes(real(section), 320_000) if len(calls) == 3 else real(section)  # mid-corpus
 
     monkeypatch.setattr(data_mod, "iter_documents", interrupt_while_sharding)
     with pytest.raises(KeyboardInterrupt):

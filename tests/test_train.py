@@ -144,22 +144,24 @@ def test_pretrain_writes_metrics_checkpoints_and_final(data_dir, tmp_path):
     from gptcore.evaluate import unigram_bpb
 
     events = []
-    s = run(make_config(max_steps=48, lr=1e-2), data_dir, tmp_path, [lambda e, r: events.append((e, r))])
-    assert s["step"] == 48 and s["tokens"] == 48 * 4 * 32
+    # enough tokens (192 × 16 × 32) that even this 2-layer, 32-wide model clearly beats the unigram
+    cfg = make_config(max_steps=192, lr=1e-2, batch_size=16, eval_batches=16, log_every=8, eval_every=32, ckpt_every=16)
+    s = run(cfg, data_dir, tmp_path, [lambda e, r: events.append((e, r))])
+    assert s["step"] == 192 and s["tokens"] == 192 * 16 * 32
     rows = read_metrics(tmp_path / "metrics.jsonl")
     logs = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "val_loss" in r]
-    assert [r["step"] for r in logs] == list(range(2, 49, 2))
+    assert [r["step"] for r in logs] == list(range(8, 193, 8))
     assert set(logs[0]) == {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu"}
-    assert [r["step"] for r in evals] == [8, 16, 24, 32, 40, 48]
+    assert [r["step"] for r in evals] == [32, 64, 96, 128, 160, 192]
     assert logs[-1]["loss"] < logs[0]["loss"] - 0.5
     assert evals[-1]["val_bpb"] < unigram_bpb(data_dir)  # learned more than token frequencies
     kinds = [e for e, _ in events]
     assert kinds.count("log") == 24 and kinds.count("eval") == 6 and kinds.count("checkpoint") == 12 and kinds[-1] == "end"
     # keep_last=2 plus the best by val loss (the last evaluated here)
     steps = [st for st, _ in C.list_checkpoints(tmp_path)]
-    assert steps[-2:] == [44, 48] and len(steps) <= 3
-    state = C.verify_checkpoint(tmp_path / "checkpoints" / "step_000048")
+    assert steps[-2:] == [176, 192] and len(steps) <= 3
+    state = C.verify_checkpoint(tmp_path / "checkpoints" / "step_000192")
     assert set(state["files"]) == {"config.json", "model.safetensors", "tokenizer/tokenizer.json", "optimizer.pt"}
     assert {"step", "tokens", "loader", "rng", "config_hash"} <= set(state)
     model, tok = load_model(s["final_dir"])
