@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -56,9 +57,19 @@ def experiment_id(c: MlflowClient, name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        return c.create_experiment(name)
+        return c.create_experiment(name, artifact_location=_artifact_location(c, name))
     except MlflowException:
         return c.get_experiment_by_name(name).experiment_id
+
+
+def _artifact_location(c: MlflowClient, name: str) -> str | None:
+    """For a sqlite store, `mlruns/<experiment>/` beside the database file (MLflow's own default is
+    `./mlruns/<id>` in whatever folder the process happens to run in); other stores: the server's."""
+    uri = str(getattr(c, "tracking_uri", "") or "")
+    if not uri.startswith("sqlite:///"):
+        return None
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns" / folder).as_uri()
 
 
 def start_run(c: MlflowClient, exp_id: str, name: str, parent: str | None = None, tags: dict | None = None) -> str:

@@ -104,3 +104,17 @@ def test_log_params_accepts_more_than_one_batch(c):
 
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
+
+
+def test_sqlite_store_keeps_artifacts_beside_the_database(c, tmp_path):
+    """Artifacts go to mlruns/ next to the .db file, never into whatever folder the process runs in."""
+    from pathlib import Path
+
+    exp = c.get_experiment(tracking.experiment_id(c, "where-artifacts-go"))
+    db = Path(c.tracking_uri[len("sqlite:///"):])
+    assert exp.artifact_location == (db.parent / "mlruns" / "where-artifacts-go").as_uri()
+    run_id = tracking.start_run(c, exp.experiment_id, "r")
+    f = tmp_path / "note.txt"
+    f.write_text("hello")
+    c.log_artifact(run_id, str(f))
+    assert (db.parent / "mlruns" / "where-artifacts-go" / run_id / "artifacts" / "note.txt").read_text() == "hello"
