@@ -177,6 +177,18 @@ def _model_result(summary: dict, track: dict | None, out: Path, extra: dict) -> 
     return result
 
 
+def _tracked(config, track: dict | None, work) -> tuple[dict, dict]:
+    """Run a training engine, `work(callbacks)`, with its per-step metrics batched into MLflow.
+
+    Returns its summary and the seconds spent in the engine's own work and in tracking."""
+    c, run_id = _client(track)
+    buf = tracking.MetricBuffer(c, run_id, every=config.tracking.log_every)
+    with _Work() as w:
+        summary = work([buf])
+    buf.flush()
+    return summary, {"work_seconds": w.seconds - buf.seconds, "tracking_seconds": buf.seconds}
+
+
 @task(name="pretrain", retries=1, retry_condition_fn=_retry_unless_user_error, **CACHED)
 def pretrain(cfg: dict, key: str, store: str, shards: dict, track: dict | None = None, fresh: bool = False) -> dict:
     """Pre-train in a stable folder per key: a retry resumes from its newest checkpoint."""
@@ -185,12 +197,8 @@ def pretrain(cfg: dict, key: str, store: str, shards: dict, track: dict | None =
     config = config_from_dict(cfg)
     _verified(Path(shards["dir"]) / "manifest.json", shards["sha256"], "shard manifest")
     out = _stable_dir(store, "pretrain", key, fresh)
-    c, run_id = _client(track)
-    buf = tracking.MetricBuffer(c, run_id, every=config.tracking.log_every)
-    with _Work() as w:
-        summary = train.pretrain(config, shards["dir"], out, callbacks=[buf])
-    buf.flush()
-    return _model_result(summary, track, out, {"work_seconds": w.seconds - buf.seconds, "tracking_seconds": buf.seconds})
+    summary, timings = _tracked(config, track, lambda callbacks: train.pretrain(config, shards["dir"], out, callbacks=callbacks))
+    return _model_result(summary, track, out, timings)
 
 
 @task(name="evaluate", **CACHED)
@@ -227,17 +235,12 @@ def finetune(cfg: dict, key: str, store: str, model: dict, track: dict | None = 
 
     config = config_from_dict(cfg)
     out = _stable_dir(store, "finetune", key, fresh)
-    c, run_id = _client(track)
-    buf = tracking.MetricBuffer(c, run_id, every=config.tracking.log_every)
-    with _Work() as w:
-        summary = ft.finetune(config, model["dir"], out, callbacks=[buf])
-    buf.flush()
+    summary, timings = _tracked(config, track, lambda callbacks: ft.finetune(config, model["dir"], out, callbacks=callbacks))
     for name in ("samples.txt", "confusion.txt", "eval.json"):
         _log_artifact(track, out / name)
     if summary.get("adapter_dir"):
         _log_artifact(track, summary["adapter_dir"], "adapter")
-    return _model_result(summary, track, out, {"task": str(summary.get("task", "")), "work_seconds": w.seconds - buf.seconds,
-                                               "tracking_seconds": buf.seconds})
+    return _model_result(summary, track, out, {"task": str(summary.get("task", "")), **timings})
 
 
 @task(name="register")
