@@ -17,14 +17,12 @@ So a shard of n tokens is exactly 1024 + 2n (or 4n) bytes; anything else is dama
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from gptcore.errors import DataError
+from gptcore.fileio import atomic_file
 
 MAGIC = 20240520
 HEADER_INTS = 256
@@ -66,20 +64,9 @@ def write_shard(path: str | Path, tokens, dtype=None) -> Path:
     arr = _as_tokens(tokens, dtype)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"a shard needs a non-empty 1-D token array, got shape {arr.shape} for {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(shard_header(arr.size, arr.dtype))
-            f.write(arr.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shard is an ordinary readable file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:
+        f.write(shard_header(arr.size, arr.dtype))
+        f.write(arr.tobytes())
     return path
 
 

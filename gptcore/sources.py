@@ -15,17 +15,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
 import os
 import sysconfig
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from gptcore.errors import DataError
+from gptcore.fileio import atomic_file
 
 # stdlib folders that are tests, test data or third-party code rather than library source
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -191,28 +190,17 @@ def download(data, out_file: str | Path) -> dict:
     Returns {"path", "sha256", "bytes" (UTF-8 bytes of the texts), "documents"}.
     """
     out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_file.parent, prefix=f".{out_file.name}.", suffix=".tmp")
     h, nbytes, ndocs = hashlib.sha256(), 0, 0
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for doc in iter_documents(data):
-                line = (json.dumps({"text": doc}, ensure_ascii=False) + "\n").encode("utf-8")
-                f.write(line)
-                h.update(line)
-                nbytes += len(doc.encode("utf-8"))
-                ndocs += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+    with atomic_file(out_file) as f:
+        for doc in iter_documents(data):
+            line = (json.dumps({"text": doc}, ensure_ascii=False) + "\n").encode("utf-8")
+            f.write(line)
+            h.update(line)
+            nbytes += len(doc.encode("utf-8"))
+            ndocs += 1
         if ndocs == 0:
             raise DataError("the source yielded no documents", data.source,
                             "point data.source at non-empty text (or raise data.max_bytes)")
-        os.replace(tmp, out_file)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     return {"path": str(out_file), "sha256": h.hexdigest(), "bytes": nbytes, "documents": ndocs}
 
 
