@@ -165,13 +165,17 @@ def read_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError("checkpoint state.json is not valid JSON", str(f), "delete this checkpoint folder") from None
 
 
-def verify_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Check every file against the sha256 in state.json; return the state or raise naming the file."""
+def verify_checkpoint(path: str | Path, weights: str = "model.safetensors") -> dict[str, Any]:
+    """Check every file against the sha256 in state.json; return the state or raise naming the file.
+
+    `weights` is the file a checkpoint of this kind must hold: the model for pre-training, the
+    trained tensors (`trainable.safetensors`) for fine-tuning."""
     path = Path(path)
     state = read_state(path)
     files = state.get("files")
-    if not isinstance(files, dict) or "model.safetensors" not in files:
-        raise CheckpointError("checkpoint state.json lists no files", str(path / "state.json"), "delete this checkpoint folder")
+    if not isinstance(files, dict) or weights not in files:
+        raise CheckpointError(f"checkpoint state.json lists no {weights}", str(path / "state.json"),
+                              "delete this checkpoint folder (or use a fresh output folder)")
     for name, digest in files.items():
         f = path / name
         if not f.is_file():
@@ -181,12 +185,12 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def latest_intact(out_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+def latest_intact(out_dir: str | Path, weights: str = "model.safetensors") -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint that passes `verify_checkpoint` (warning about each one skipped)."""
     remove_stale_temps(Path(out_dir) / "checkpoints")  # half-written folders of a killed run
     for _, path in reversed(list_checkpoints(out_dir)):
         try:
-            return path, verify_checkpoint(path)
+            return path, verify_checkpoint(path, weights)
         except CheckpointError as exc:
             warnings.warn(f"skipping damaged checkpoint: {exc.message()}", stacklevel=2)
     return None

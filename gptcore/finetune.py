@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptcore import sft_data
+from gptcore.checkpointing import latest_intact
 from gptcore.errors import CheckpointError, ConfigError, DataError
 from gptcore.fileio import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
 from gptcore.lora import DEFAULT_TARGETS, apply_lora, merge_lora, save_adapter
@@ -256,29 +257,6 @@ def _save_checkpoint(out_dir: Path, step: int, trainee: Trainee, optimizer, stat
     return path
 
 
-def _latest_checkpoint(out_dir: Path) -> tuple[Path, dict] | None:
-    """The newest checkpoint whose files match the sha256 in its state.json (damaged ones are skipped)."""
-    import warnings
-
-    from gptcore.checkpointing import list_checkpoints, read_state
-    from gptcore.fileio import remove_stale_temps
-
-    remove_stale_temps(out_dir / "checkpoints")
-    for _, path in reversed(list_checkpoints(out_dir)):
-        try:
-            state = read_state(path)
-            for name, digest in state.get("files", {}).items():
-                if not (path / name).is_file() or sha256_file(path / name) != digest:
-                    raise CheckpointError("checkpoint file is missing or does not match its sha256", str(path / name),
-                                          "delete this checkpoint folder")
-            if "trainable.safetensors" not in state.get("files", {}):
-                raise CheckpointError("not a fine-tuning checkpoint", str(path), "use a fresh --out folder")
-            return path, state
-        except CheckpointError as exc:
-            warnings.warn(f"skipping damaged checkpoint: {exc.message()}", stacklevel=2)
-    return None
-
-
 def _load_checkpoint(path: Path, state: dict, trainee: Trainee, optimizer, config, base_sha256: str) -> None:
     from safetensors.torch import load_file
 
@@ -369,7 +347,7 @@ def finetune(config, base_dir: str | Path, out_dir: str | Path, callbacks: Itera
     n_total = sum(p.numel() for p in trainee.parameters())
 
     # -- resume or start
-    resumed = _latest_checkpoint(out_dir)
+    resumed = latest_intact(out_dir, weights="trainable.safetensors")
     if resumed is not None:
         ckpt_path, state = resumed
         _load_checkpoint(ckpt_path, state, trainee, optimizer, config, base_sha)
