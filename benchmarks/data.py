@@ -22,7 +22,6 @@ Prints a markdown table.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
 import resource
@@ -38,9 +37,10 @@ os.environ.setdefault("GPTCORE_PROGRESS", "0")
 import numpy as np  # noqa: E402
 
 from gptcore.config import config_from_dict  # noqa: E402
-from gptcore.data import ShardLoader, iter_documents, prepare_shards  # noqa: E402
-from gptcore.shards import shard_header  # noqa: E402
+from gptcore.data.sharding import ShardLoader, iter_documents, prepare_shards  # noqa: E402
+from gptcore.data.shards import shard_header  # noqa: E402
 from gptcore.tokenizer import gpt2_tokenizer  # noqa: E402
+from _cli import cli_args  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def tiktoken_gpt2():
@@ -107,12 +107,7 @@ def best_of(rounds, fn):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--mb", type=float, default=8.0)
-    ap.add_argument("--procs", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--shard-tokens", type=int, default=1_000_000)
-    args = ap.parse_args()
+    args = cli_args(__doc__, mb=8.0, procs=2, rounds=2, shard_tokens=1_000_000)
 
     docs = list(iter_documents(config_from_dict({"data": {"max_bytes": int(args.mb * 1e6)}}).data))
     nbytes = sum(len(d.encode("utf-8")) for d in docs)

@@ -10,20 +10,20 @@ ratio ours/peft (> 1 = we are faster), plus the step-0 loss of both (equal: same
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
 
 import torch
+from _cli import cli_args  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def build(args):
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from gptcore.convert import load_hf_gpt2
-    from gptcore.lora import apply_lora, lora_modules
+    from gptcore.convert.hf import load_hf_gpt2
+    from gptcore.model.lora import apply_lora, lora_modules
 
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.embd, n_layer=args.layers,
@@ -46,17 +46,7 @@ def build(args):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--embd", type=int, default=256)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    args = cli_args(__doc__, layers=4, heads=4, embd=256, vocab=8192, seq=128, batch=8, rank=8, steps=12, threads=1)
     torch.set_num_threads(args.threads)
 
     ours, ref = build(args)
@@ -99,7 +89,7 @@ def main() -> None:
           f"LoRA rank {args.rank}; {args.threads} thread(s); {args.steps} timed steps each, alternating\n")
     print("| LoRA training step (fwd + bwd + AdamW) | trainable params | median step | tokens/s |")
     print("|---|---:|---:|---:|")
-    print(f"| gptcore GPT + gptcore.lora | {n_o:,} | {med['ours'] * 1e3:.1f} ms | {tokens / med['ours']:,.0f} |")
+    print(f"| gptcore GPT + gptcore.model.lora | {n_o:,} | {med['ours'] * 1e3:.1f} ms | {tokens / med['ours']:,.0f} |")
     print(f"| transformers GPT2 + peft | {n_r:,} | {med['peft'] * 1e3:.1f} ms | {tokens / med['peft']:,.0f} |")
     print(f"| **ratio ours/peft (tokens/s)** | | | **{med['peft'] / med['ours']:.2f}x** |")
     print(f"\nstep-0 loss (same weights, same A and B): ours {loss_ours:.6f}, peft {loss_ref:.6f}")

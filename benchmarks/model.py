@@ -72,8 +72,8 @@ def main() -> None:
 
     import transformers
 
-    from gptcore.convert import save_hf_gpt2
-    from gptcore.model import GPTConfig, build_model
+    from gptcore.convert.hf import save_hf_gpt2
+    from gptcore.model.gpt import GPTConfig, build_model
 
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=8192, block_size=256, n_layer=4, n_head=4, n_embd=256)

@@ -36,7 +36,10 @@ def overrides(args) -> list[str]:
 
 def direct(cfg, work: Path) -> dict[str, float]:
     """The same library calls the tasks make, with no orchestration and no tracking."""
-    from gptcore import data, evaluate, finetune, tokenizer, train
+    from gptcore import data, tokenizer
+    from gptcore.evaluation import evaluate
+    from gptcore.finetuning import finetune
+    from gptcore.training import pretrain as train
 
     t = {}
     t0 = time.perf_counter()

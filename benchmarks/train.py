@@ -1,6 +1,6 @@
 """Pre-training speed on this machine, side by side:
 
-    loop      gptcore.train.pretrain (shard loader, lr schedule, clipping, NaN guard, metrics, progress)
+    loop      gptcore.training.pretrain.pretrain (shard loader, lr schedule, clipping, NaN guard, metrics, progress)
     bare      the same model and optimizer stepping on one fixed batch in a 6-line loop
     hf        transformers' GPT2LMHeadModel of the same shape, same AdamW, same bare loop
 
@@ -46,7 +46,7 @@ def best_window(rates: list[float]) -> float:
 
 
 def bare_loop(model, steps: int, x, y, log_every: int = 5) -> float:
-    from gptcore.optim import build_optimizer
+    from gptcore.training.optim import build_optimizer
 
     opt = build_optimizer(model, lr=1e-3)
     rates, t0 = [], time.perf_counter()
@@ -74,7 +74,7 @@ def hf_model(vocab: int):
 
 
 def hf_step_loop(model, steps, x, y):
-    from gptcore.optim import build_optimizer
+    from gptcore.training.optim import build_optimizer
 
     opt = build_optimizer(model, lr=1e-3)
     rates, t0 = [], time.perf_counter()
@@ -99,11 +99,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from gptcore.data import ShardLoader, prepare
+    from gptcore.data.sharding import ShardLoader, prepare
     from gptcore.metrics import read_metrics
-    from gptcore.model import GPTConfig, build_model
-    from gptcore.plan import cpu_peak_flops
-    from gptcore.train import pretrain
+    from gptcore.model.gpt import GPTConfig, build_model
+    from gptcore.training.plan import cpu_peak_flops
+    from gptcore.training.pretrain import pretrain
 
     cfg = make_config(args.steps, args.threads)
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,7 @@
 
     download -> train_tokenizer -> shard -> pretrain -> evaluate -> finetune -> register
 
-Each stage is a cached task (tasks/stages.py) keyed by content (tasks/caching.py), logged as a
+Each stage is a cached task (its record in tasks/stages.py: STAGES) keyed by content (tasks/caching.py), logged as a
 nested MLflow run under one "pipeline" run (tasks/tracking.py). `pretrain_flow`, `evaluate_flow`
 and `finetune_flow` are sub-flows: the pipeline calls them, and each can be called on its own with
 a `ctx` and the upstream results. `gptcore run` calls `run_pipeline`; deployments (prefect.yaml)
@@ -16,7 +16,6 @@ from prefect import flow
 
 from flows.runner import PipelineRun, check_until, quiet_prefect, run_stage
 from gptcore.config import load_config
-from tasks.stages import download, evaluate, finetune, pretrain, register, shard, train_tokenizer
 
 
 @flow(name="gptcore-pipeline")
@@ -32,14 +31,14 @@ def pipeline(config_path: str = "configs/tiny.yaml", overrides: list[str] | None
         if base:
             model = run.given_model(base)
         else:
-            corpus = run.stage("download", download)
-            tokenizer = run.stage("train_tokenizer", train_tokenizer, corpus=corpus)
-            shards = run.stage("shard", shard, corpus=corpus, tokenizer=tokenizer)
+            corpus = run.stage("download")
+            tokenizer = run.stage("train_tokenizer", corpus=corpus)
+            shards = run.stage("shard", corpus=corpus, tokenizer=tokenizer)
             model = run.subflow(pretrain_flow, shards=shards)
             scores = run.subflow(evaluate_flow, model=model, shards=shards)
             model = dict(model, val_bpb=scores["val_bpb"])  # the gate compares evaluated bpb
         tuned = run.subflow(finetune_flow, model=model)
-        run.stage("register", register, models={
+        run.stage("register", models={
             "gptcore-pretrained": (model, "val_bpb"),        # gate: validation bits per byte
             "gptcore-finetuned": (tuned, "val_loss_after"),  # gate: fine-tuning validation loss
         })
@@ -49,19 +48,19 @@ def pipeline(config_path: str = "configs/tiny.yaml", overrides: list[str] | None
 @flow(name="pretrain")
 def pretrain_flow(ctx: dict, shards: dict) -> dict:
     """Pre-train the model on prepared shards (resumes from the newest checkpoint on retry)."""
-    return run_stage(ctx, "pretrain", pretrain, shards=shards)
+    return run_stage(ctx, "pretrain", shards=shards)
 
 
 @flow(name="evaluate")
 def evaluate_flow(ctx: dict, model: dict, shards: dict) -> dict:
     """Validation loss / bits per byte vs the unigram baseline, and sample generations."""
-    return run_stage(ctx, "evaluate", evaluate, model=model, shards=shards)
+    return run_stage(ctx, "evaluate", model=model, shards=shards)
 
 
 @flow(name="finetune")
 def finetune_flow(ctx: dict, model: dict) -> dict:
     """LoRA fine-tuning of the pre-trained model on `finetune.dataset`."""
-    return run_stage(ctx, "finetune", finetune, model=model)
+    return run_stage(ctx, "finetune", model=model)
 
 
 def run_pipeline(config_path: str, overrides: list[str] | None = None, until: str = "register",

@@ -1,11 +1,13 @@
 """How the pipeline runs one stage: key, lock, Prefect task (cache hit or work), MLflow run, summary row.
 
-    key    = stage_key(stage, config, sha256 of every upstream result passed in)
-    lock   = stage_lock(store, stage, key)           # a concurrent run waits here, then hits the cache
+    key     = stage_key(stage, config, sha256 of every upstream result passed in, its gptcore code)
+    lineage = lineage_key(...)                         # resumable stages: the training run it continues
+    lock    = stage_lock(store, stage, lineage)        # a concurrent run waits here, then hits the cache
     state  = task(..., return_state=True)             # Prefect: "Cached" or computed
     MLflow = nested run "stage" under the pipeline run: key metrics, cached?, where its artifacts are
 
-`ctx` is a plain dict (config, store, MLflow ids) so sub-flows can take it as a parameter.
+`ctx` is a plain dict (the typed Config, the store, MLflow ids) so sub-flows can take it as a parameter.
+What the runner knows of each stage comes from one record, `tasks.stages.STAGES`.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from typing import Any, Callable
 import tasks  # noqa: F401  (offline defaults first)
 from prefect.runtime import flow_run
 
-from gptcore.config import Config, config_from_dict
+from gptcore.config import Config
 from gptcore.errors import GptcoreError
+from gptcore.fileio import sha256_file, sha256_tree
 from tasks import tracking
-from tasks.caching import STAGES, stage_key, stage_lock, store_root
+from tasks.caching import lineage_key, run_dir, stage_key, stage_lock, store_root
+from tasks.stages import STAGES
 
 
 class Reached(Exception):
@@ -43,49 +47,37 @@ def _outputs_exist(result: dict) -> bool:
     return all(Path(result[k]).exists() for k in ("path", "dir") if isinstance(result.get(k), str))
 
 
-def _key_metric(stage: str, r: dict) -> str:
-    """One human-readable figure per stage for the summary table."""
-    def f(k: str, fmt: str = "{:.4f}") -> str:
-        return fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "?"
-
-    return {
-        "download": lambda: f"{f('bytes', '{:,}')} bytes, {f('documents', '{:,}')} docs",
-        "train_tokenizer": lambda: f"vocab {f('vocab_size', '{:,}')}",
-        "shard": lambda: f"{f('train_tokens', '{:,}')} train / {f('val_tokens', '{:,}')} val tokens",
-        "pretrain": lambda: f"val bpb {f('val_bpb')}, train loss {f('train_loss')}",
-        "evaluate": lambda: f"val bpb {f('val_bpb')} vs unigram {f('unigram_bpb')}",
-        "finetune": lambda: f"val loss {f('val_loss_before')} -> {f('val_loss_after')}"
-                            + (f", acc {f('accuracy')}" if "accuracy" in r else ""),
-        "register": lambda: "; ".join(r.get("decisions", [])) or r.get("skipped", ""),
-    }[stage]()
-
-
-def run_stage(ctx: dict, stage: str, fn: Callable, **inputs: Any) -> dict:
-    """Run `fn` (a task from tasks.stages) as `stage`; returns its result plus `_row` for the summary."""
-    cfg = config_from_dict(ctx["cfg"])
-    cached_task = stage != "register"
-    key = stage_key(stage, cfg, *(v["sha256"] for v in inputs.values() if isinstance(v, dict) and "sha256" in v)) \
-        if cached_task else "registry"
+def run_stage(ctx: dict, name: str, **inputs: Any) -> dict:
+    """Run stage `name` (its record in tasks.stages.STAGES); returns its result plus `_row` for the summary."""
+    stage = STAGES[name]
+    cfg: Config = ctx["config"]
+    upstream = tuple(v["sha256"] for v in inputs.values() if isinstance(v, dict) and "sha256" in v)
+    if name == "train_tokenizer" and cfg.tokenizer.path and cfg.tokenizer.path != "gpt2":  # a saved tokenizer: its bytes
+        path = Path(cfg.tokenizer.path)
+        upstream += (sha256_tree(path) if path.is_dir() else sha256_file(path),)
+    key = stage_key(name, stage.reads, cfg, upstream, stage.code) if stage.cached else "registry"
+    lineage = lineage_key(name, stage.reads, cfg, upstream, stage.code) if stage.resumable else key
     c = tracking.client(ctx["uri"]) if ctx.get("uri") else None
     run_id = None
     if c is not None:
-        run_id = tracking.start_run(c, ctx["experiment_id"], stage, parent=ctx["parent_run_id"],
-                                    tags={"prefect.flow_run_id": _flow_run_id(), "gptcore.stage": stage, "gptcore.cache_key": key})
-    kwargs = dict(cfg=ctx["cfg"], track={"uri": ctx["uri"], "run_id": run_id} if run_id else None, **inputs)
-    if cached_task:
+        run_id = tracking.start_run(c, ctx["experiment_id"], name, parent=ctx["parent_run_id"],
+                                    tags={"prefect.flow_run_id": _flow_run_id(), "gptcore.stage": name,
+                                          "gptcore.cache_key": key, "gptcore.lineage": lineage})
+    kwargs = dict(config=cfg, track={"uri": ctx["uri"], "run_id": run_id} if run_id else None, **inputs)
+    if stage.cached:
         kwargs.update(key=key, store=ctx["store"])
-
-    resumable = stage in ("shard", "pretrain", "finetune")  # they write into a stable folder
+    if stage.resumable:
+        kwargs.update(workdir=str(run_dir(ctx["store"], name, lineage)))
 
     def call(refresh: bool) -> tuple[dict, bool]:
-        opts = dict(result_storage=Path(ctx["store"]) / "results", refresh_cache=refresh) if cached_task else {}
-        extra = {"fresh": refresh} if resumable else {}
-        state = fn.with_options(**opts)(**kwargs, **extra, return_state=True)
+        opts = dict(result_storage=Path(ctx["store"]) / "results", refresh_cache=refresh) if stage.cached else {}
+        extra = {"fresh": refresh} if stage.resumable else {}
+        state = stage.task.with_options(**opts)(**kwargs, **extra, return_state=True)
         return state.result(), state.name == "Cached"
 
     t0 = time.perf_counter()
     try:
-        with stage_lock(ctx["store"], stage, key):
+        with stage_lock(ctx["store"], name, lineage):
             result, cached = call(ctx["refresh"])
             if cached and not _outputs_exist(result):  # a cache entry whose files were deleted
                 result, cached = call(True)
@@ -99,13 +91,13 @@ def run_stage(ctx: dict, stage: str, fn: Callable, **inputs: Any) -> dict:
         tracking.log_metrics(c, run_id, {**nums, "seconds": seconds})
         tracking.set_tags(c, run_id, {"gptcore.cached": str(cached).lower(),
                                       "gptcore.source_run_id": result.get("run_id") or ""})
-        tracking.log_metrics(c, ctx["parent_run_id"], {f"{stage}.{k}": v for k, v in {**nums, "seconds": seconds}.items()})
+        tracking.log_metrics(c, ctx["parent_run_id"], {f"{name}.{k}": v for k, v in {**nums, "seconds": seconds}.items()})
         c.set_terminated(run_id, "FINISHED")
-    if stage == "register":  # nothing new registered = the registry already had these models
+    if name == "register":  # nothing new registered = the registry already had these models
         cached = result.get("new_versions", 1) == 0
-    row = {"stage": stage, "status": "cached" if cached else "computed", "seconds": round(seconds, 2),
-           "metric": _key_metric(stage, result), "run_id": run_id}
-    print(f"[gptcore] {stage}: {row['status']} in {seconds:.1f}s — {row['metric']}", file=sys.stderr, flush=True)
+    row = {"stage": name, "status": "cached" if cached else "computed", "seconds": round(seconds, 2),
+           "metric": stage.summary(result), "run_id": run_id}
+    print(f"[gptcore] {name}: {row['status']} in {seconds:.1f}s — {row['metric']}", file=sys.stderr, flush=True)
     return {**result, "_row": row}
 
 
@@ -121,7 +113,7 @@ class PipelineRun:
     def __init__(self, cfg: Config, until: str = "register", refresh: bool = False, config_path: str = ""):
         self.until, self.rows = until, []
         uri = tracking.tracking_uri(cfg) if cfg.tracking.enabled else None
-        self.ctx = {"cfg": cfg.to_dict(), "store": str(store_root(cfg)), "refresh": refresh, "uri": uri,
+        self.ctx = {"config": cfg, "store": str(store_root(cfg)), "refresh": refresh, "uri": uri,
                     "experiment": cfg.tracking.experiment or cfg.run.name, "experiment_id": None, "parent_run_id": None}
         self.c = tracking.client(uri) if uri else None
         self.config_path, self.cfg = config_path, cfg
@@ -136,12 +128,12 @@ class PipelineRun:
             self.ctx.update(experiment_id=exp, parent_run_id=run_id)
         return self
 
-    def stage(self, stage: str, fn: Callable, **inputs: Any) -> dict:
-        return self.record(run_stage(self.ctx, stage, fn, **inputs))
+    def stage(self, name: str, **inputs: Any) -> dict:
+        return self.record(run_stage(self.ctx, name, **inputs))
 
     def given_model(self, path: str) -> dict:
         """A model folder from outside the pipeline (to fine-tune), as if a stage had produced it."""
-        from gptcore.checkpoint import model_sha256
+        from gptcore.model.folder import model_sha256
 
         return {"dir": str(Path(path).resolve()), "sha256": model_sha256(path), "run_id": None}
 

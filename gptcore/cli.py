@@ -1,10 +1,10 @@
 """The `gptcore` command line: verb groups, each verb thin over one library function.
 
     gptcore tokenizer train|encode|decode|export-tiktoken     (gptcore.tokenizer)
-    gptcore prepare                                           (gptcore.data)
-    gptcore pretrain | plan | evaluate                        (gptcore.train, gptcore.evaluate)
-    gptcore finetune                                          (gptcore.finetune)
-    gptcore generate | convert from-hf|to-hf                  (gptcore.model, gptcore.convert)
+    gptcore prepare                                           (gptcore.data.sharding)
+    gptcore pretrain | plan | evaluate                        (gptcore.training.pretrain, gptcore.evaluation.evaluate)
+    gptcore finetune                                          (gptcore.finetuning.finetune)
+    gptcore generate | convert from-hf|to-hf                  (gptcore.model.gpt, gptcore.convert.hf)
     gptcore run | deploy                                      (flows/, imported lazily)
 
 A user error (`GptcoreError`) prints `error: <what> (<where>): <what to do>` and exits 2; Ctrl-C
@@ -192,12 +192,12 @@ def generate(
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter folder to apply."),
 ) -> None:
     """Stream a continuation of --prompt to stdout."""
-    from gptcore.checkpoint import load_model
-    from gptcore.generate import stream_text
+    from gptcore.model.folder import load_model
+    from gptcore.model.generate import stream_text
 
     model, tokenizer = load_model(checkpoint)
     if adapter is not None:
-        from gptcore.lora import apply_adapter
+        from gptcore.model.lora import apply_adapter
 
         model = apply_adapter(model, adapter, base_dir=checkpoint)
     sys.stdout.write(prompt)
@@ -211,7 +211,7 @@ def generate(
 def convert_from_hf(hf_dir: str = typer.Argument(..., help="save_pretrained folder (or hub id when online)."),
                     out: Path = typer.Argument(..., help="Model folder to write.")) -> None:
     """Hugging Face GPT2LMHeadModel folder -> gptcore model folder."""
-    from gptcore.convert import checkpoint_from_hf
+    from gptcore.convert.hf import checkpoint_from_hf
 
     print(checkpoint_from_hf(hf_dir, out))
 
@@ -220,7 +220,7 @@ def convert_from_hf(hf_dir: str = typer.Argument(..., help="save_pretrained fold
 def convert_to_hf(checkpoint: Path = typer.Argument(..., help="gptcore model folder."),
                   out: Path = typer.Argument(..., help="Folder for GPT2LMHeadModel.from_pretrained.")) -> None:
     """gptcore model folder -> Hugging Face GPT2LMHeadModel folder."""
-    from gptcore.convert import checkpoint_to_hf
+    from gptcore.convert.hf import checkpoint_to_hf
 
     print(checkpoint_to_hf(checkpoint, out))
 
@@ -234,7 +234,7 @@ def prepare_cmd(
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
     """Download the corpus, train (or load) the tokenizer and write token shards + manifest.json."""
-    from gptcore.data import prepare
+    from gptcore.data.sharding import prepare
 
     cfg = _load_config(config, set_)
     m = prepare(cfg, out)
@@ -253,7 +253,7 @@ def pretrain_cmd(
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
     """Pre-train on prepared shards; run it again to resume from the newest intact checkpoint."""
-    from gptcore.train import pretrain
+    from gptcore.training.pretrain import pretrain
 
     cfg = _load_config(config, overrides)
     s = pretrain(cfg, data, out or cfg.out_dir)
@@ -272,7 +272,7 @@ def plan_cmd(
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
     """Parameters, memory per device, tokens/step, time per step and a recommendation."""
-    from gptcore.plan import format_plan, format_plan_finetune, plan, plan_finetune
+    from gptcore.training.plan import format_plan, format_plan_finetune, plan, plan_finetune
 
     cfg = _load_config(config, overrides)
     if finetune:
@@ -292,7 +292,7 @@ def evaluate_cmd(
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
     """Validation loss/perplexity/bits-per-byte vs baselines, samples, multiple choice; writes eval.json."""
-    from gptcore.evaluate import evaluate_checkpoint, format_report
+    from gptcore.evaluation.evaluate import evaluate_checkpoint, format_report
 
     cfg = _load_config(config, overrides)
     chosen = [t for item in (tasks or cfg.eval.tasks) for t in item.split(",") if t]
@@ -308,13 +308,13 @@ def evaluate_cmd(
 def finetune_cmd(
     config: Path = typer.Argument(..., help="YAML config; its finetune: section picks data, task, method, LoRA rank."),
     base: Path = typer.Option(..., "--base", help="Base model folder (pretrain's final/, or `gptcore convert from-hf`)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <run.out_dir>/finetune)."),
     overrides: Optional[List[str]] = SetOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <run.out_dir>/finetune)."),
 ) -> None:
     """Fine-tune --base (LoRA or full) for instructions or classification; run again to resume."""
-    from gptcore.finetune import finetune, format_summary
-
     cfg = _load_config(config, overrides)
+    from gptcore.finetuning.finetune import finetune, format_summary
+
     print(format_summary(finetune(cfg, base, out or cfg.out_dir / "finetune")))
 
 

@@ -17,8 +17,6 @@ YAML scalars (`--set train.lr=3e-4`, `--set model.qk_norm=true`).
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,28 +61,45 @@ class TokenizerSection(Section):
     train_bytes: int | None = Field(default=None, gt=0)  # train on at most this much text
 
 
-class ModelSection(Section):
-    """`preset` names a GPTConfig preset; every other key overrides one GPTConfig field."""
+def _model_section() -> type[Section]:
+    """`model:` — `preset` plus every GPTConfig field as an optional override, derived from the dataclass
+    (so a field added to GPTConfig is settable as `model.<field>` with no second list to keep)."""
+    import dataclasses
+    import typing
 
-    preset: str = "tiny"
-    vocab_size: int | None = Field(default=None, gt=0)  # default: the tokenizer's
-    block_size: int | None = Field(default=None, gt=0)
-    n_layer: int | None = Field(default=None, gt=0)
-    n_head: int | None = Field(default=None, gt=0)
-    n_embd: int | None = Field(default=None, gt=0)
-    n_kv_head: int | None = Field(default=None, gt=0)
-    dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
-    bias: bool | None = None
-    norm: Literal["layernorm", "rmsnorm"] | None = None
-    mlp: Literal["gelu", "swiglu"] | None = None
-    pos: Literal["learned", "rope"] | None = None
-    qk_norm: bool | None = None
-    tie_embeddings: bool | None = None
-    attn_impl: Literal["sdpa", "math"] | None = None
+    from pydantic import create_model
+
+    from gptcore.model.gpt import ATTN_IMPLS, MLPS, NORMS, POSITIONS, GPTConfig
+
+    choices = {"norm": tuple(NORMS), "mlp": tuple(MLPS), "pos": POSITIONS, "attn_impl": ATTN_IMPLS}
+    hints = typing.get_type_hints(GPTConfig)
+    fields: dict[str, Any] = {"preset": (str, "tiny")}
+    for f in dataclasses.fields(GPTConfig):
+        kind = hints[f.name]
+        if f.name in choices:
+            kind = Literal[choices[f.name]]  # type: ignore[valid-type]
+        elif typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if f.name == "dropout":
+            field_ = Field(default=None, ge=0.0, lt=1.0)
+        elif kind in (int, float):
+            field_ = Field(default=None, gt=0)
+        else:
+            field_ = None
+        fields[f.name] = (kind | None, field_)
+    fields["vocab_size"] = (int | None, Field(default=None, gt=0))  # default: the tokenizer's
 
     def overrides(self) -> dict[str, Any]:
         """The GPTConfig fields this section sets (everything but `preset` that is not None)."""
         return {k: v for k, v in self.model_dump().items() if k != "preset" and v is not None}
+
+    section = create_model("ModelSection", __base__=Section, **fields)
+    section.overrides = overrides
+    section.__doc__ = "`preset` names a GPTConfig preset; every other key overrides one GPTConfig field."
+    return section
+
+
+ModelSection = _model_section()
 
 
 class TrainSection(Section):
@@ -95,6 +110,8 @@ class TrainSection(Section):
     lr: float = Field(default=1e-3, gt=0.0)
     min_lr: float | None = Field(default=None, ge=0.0)  # default: lr / 10
     warmup_steps: int = Field(default=50, ge=0)
+    schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warmup, stable at lr, decay over the last decay_fraction
+    decay_fraction: float = Field(default=0.2, gt=0.0, le=1.0)
     weight_decay: float = Field(default=0.1, ge=0.0)
     beta1: float = Field(default=0.9, gt=0.0, lt=1.0)
     beta2: float = Field(default=0.95, gt=0.0, lt=1.0)
@@ -144,6 +161,8 @@ class FinetuneSection(Section):
     lr: float = Field(default=1e-3, gt=0.0)
     min_lr: float | None = Field(default=None, ge=0.0)
     warmup_steps: int = Field(default=10, ge=0)
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = Field(default=0.2, gt=0.0, le=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
     max_len: int | None = Field(default=None, gt=0)  # default: model.block_size
     max_examples: int | None = Field(default=None, gt=0)
@@ -185,15 +204,6 @@ class Config(Section):
     def flat(self) -> dict[str, Any]:
         """`{"train.lr": 0.001, ...}` — the shape MLflow params want."""
         return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
-
-    def section_hash(self, *sections: str, exclude: tuple[str, ...] = ()) -> str:
-        """sha256 of the named sections (all when none are named), minus `exclude` ("train.max_steps")."""
-        d = self.to_dict()
-        chosen = {s: dict(d[s]) for s in (sections or tuple(d))}
-        for dotted in exclude:
-            s, k = dotted.split(".", 1)
-            chosen.get(s, {}).pop(k, None)
-        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

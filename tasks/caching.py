@@ -2,17 +2,25 @@
 
 A stage's key is a hash of exactly what determines its output:
 
-    key = sha256(stage, the config keys it reads, the sha256s of the upstream artifacts it reads)
+    key     = sha256(stage, Reads.result_view(config), sha256s of the upstream artifacts it reads,
+                     sha256 of the gptcore code it runs)
+    lineage = the same with Reads.weights_view: what a resumable stage's *training run* is
 
-and Prefect adds the task's source code (`TASK_SOURCE`), so editing a task also invalidates it.
-Paths never enter a key: two clones with the same config and data share nothing but get the same
-keys, and a moved file with the same bytes is still a hit.
+Each engine declares its `Reads` once (gptcore/reads.py); the engine's own resume check derives
+from the same declaration, so the cache key and the resume check cannot disagree. Prefect adds the
+task's source code (`TASK_SOURCE`); `code_digest` adds the library's, so editing gptcore/training/
+recomputes pre-training. Paths never enter a key: two clones with the same config, data and code
+get the same keys, and a moved file with the same bytes is still a hit.
 
-Outputs go to content-addressed folders `<store>/artifacts/<stage>/<key>/`, written atomically
-(finished folders only ever appear whole). Pre-training and fine-tuning instead write in place
-into their stable folder, so a retry resumes from the newest checkpoint there.
+Folders:
 
-Two `gptcore run`s against the same store serialise per key with `stage_lock` (an OS file lock,
+    <store>/artifacts/<stage>/<key>/      a finished result, written atomically (whole or absent)
+    <store>/runs/<stage>/<lineage>/       where pre-training / fine-tuning train: checkpoints/,
+                                          metrics.jsonl, final/ — shared by every key of a lineage,
+                                          so raising max_steps continues from the newest checkpoint
+                                          and a change of cadence is the same run
+
+Two `gptcore run`s against the same store serialise per folder with `file_lock` (an OS lock,
 released by the kernel even if the holder is killed): the second waits, then finds the first's
 result in the cache.
 """
@@ -21,35 +29,46 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Iterator
 
+import gptcore
 from gptcore.config import Config
-from gptcore.fileio import sha256_file, sha256_tree
+from gptcore.reads import Reads
 
-# stage -> (config sections it reads, keys in them that do not change its output)
-STAGE_CONFIG: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "download": (("data",), ("data.shard_tokens", "data.val_fraction", "data.num_proc")),
-    "train_tokenizer": (("tokenizer",), ()),
-    "shard": (("data",), ("data.num_proc",)),
-    "pretrain": (("run", "model", "train"), ("run.name", "run.out_dir", "train.progress")),
-    "evaluate": (("eval",), ()),
-    "finetune": (("run", "finetune"), ("run.name", "run.out_dir")),
-}
-STAGES = ("download", "train_tokenizer", "shard", "pretrain", "evaluate", "finetune", "register")
+# every stage runs these: the config, errors, files, metrics, the Reads declarations
+FOUNDATION = ("config.py", "errors.py", "fileio.py", "metrics.py", "progress.py", "reads.py")
 
 
-def stage_key(stage: str, cfg: Config, *upstream_sha256: str) -> str:
-    """The content key of `stage`: its config sections plus the hashes of what it reads (24 hex)."""
-    sections, exclude = STAGE_CONFIG[stage]
-    path = cfg.tokenizer.path
-    if stage == "train_tokenizer" and path and path != "gpt2":  # a saved tokenizer: key on its bytes
-        upstream_sha256 = (*upstream_sha256, sha256_tree(path) if Path(path).is_dir() else sha256_file(path))
-    payload = {"stage": stage, "config": cfg.section_hash(*sections, exclude=exclude), "inputs": list(upstream_sha256)}
+@functools.lru_cache(maxsize=None)
+def code_digest(packages: tuple[str, ...]) -> str:
+    """sha256 over the source of `gptcore/<package>/` for each package, plus the foundation modules."""
+    root = Path(gptcore.__file__).parent
+    files = sorted({root / f for f in FOUNDATION} | {p for pkg in packages for p in (root / pkg).rglob("*.py")})
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _key(stage: str, view: dict, upstream: tuple[str, ...], code: tuple[str, ...]) -> str:
+    payload = {"stage": stage, "config": view, "inputs": list(upstream), "code": code_digest(tuple(sorted(code)))}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def stage_key(stage: str, reads: Reads, cfg: Config, upstream: tuple[str, ...] = (), code: tuple[str, ...] = ()) -> str:
+    """The content key of a stage's result (24 hex)."""
+    return _key(stage, reads.result_view(cfg), upstream, code)
+
+
+def lineage_key(stage: str, reads: Reads, cfg: Config, upstream: tuple[str, ...] = (), code: tuple[str, ...] = ()) -> str:
+    """The key of the training run a resumable stage continues: its weights view, without the keys
+    that only say how far it trains, how often it reports, or what it measures."""
+    return _key(stage, reads.weights_view(cfg), upstream, code)
 
 
 def store_root(cfg: Config) -> Path:
@@ -59,6 +78,10 @@ def store_root(cfg: Config) -> Path:
 
 def artifact_dir(store: str | Path, stage: str, key: str) -> Path:
     return Path(store) / "artifacts" / stage / key
+
+
+def run_dir(store: str | Path, stage: str, lineage: str) -> Path:
+    return Path(store) / "runs" / stage / lineage
 
 
 @contextlib.contextmanager
@@ -75,5 +98,5 @@ def file_lock(path: str | Path) -> Iterator[None]:
 
 
 def stage_lock(store: str | Path, stage: str, key: str):
-    """The lock of one (stage, key): a second run computing the same thing waits here."""
+    """The lock of one (stage, key or lineage): a second run computing the same thing waits here."""
     return file_lock(Path(store) / "locks" / f"{stage}-{key}.lock")

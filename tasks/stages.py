@@ -2,10 +2,14 @@
 
     download -> train_tokenizer -> shard -> pretrain -> evaluate -> finetune -> register
 
-Every task gets the config (as a dict), its content `key` (see `tasks.caching.stage_key`), the
-result store, the upstream results it reads, and `track` = {"uri", "run_id"} of the MLflow run to
-log into (None when tracking is off). It returns a JSON-able dict of paths, sha256s and metrics;
-Prefect persists that dict under the key, so a later run with the same key skips the work.
+Every task gets the typed `Config`, its content `key` (tasks/caching.py), the result store, the
+upstream results it reads, and `track` = {"uri", "run_id"} of the MLflow run to log into (None
+when tracking is off). It returns a JSON-able dict of paths, sha256s and metrics; Prefect persists
+that dict under the key, so a later run with the same key skips the work.
+
+`STAGES` at the bottom is the one record per stage the runner reads: its task, the `Reads` its key
+derives from, the gptcore packages it runs, whether it resumes in a stable folder, and the one
+figure the summary table shows.
 
 Results name the MLflow run that computed them (`run_id`), so a cached stage can point at the
 run holding its artifacts instead of uploading them again.
@@ -15,17 +19,25 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import tasks  # noqa: F401  (offline defaults first)
 from prefect import task
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.tasks import exponential_backoff
 
-from gptcore.config import config_from_dict
+from gptcore import tokenizer as tk
+from gptcore.config import Config
+from gptcore.data import sharding as shards_mod
+from gptcore.data import sources
 from gptcore.errors import CheckpointError, DataError, GptcoreError
-from gptcore.fileio import atomic_dir, atomic_write_text, sha256_file
+from gptcore.evaluation import evaluate as ev
+from gptcore.fileio import atomic_dir, atomic_write_text, link_tree, sha256_file
+from gptcore.finetuning import finetune as ft
+from gptcore.reads import Reads
+from gptcore.training import pretrain as pt
 from tasks import tracking
 from tasks.caching import artifact_dir
 
@@ -69,12 +81,11 @@ def _verified(path: str | Path, sha256: str, what: str) -> Path:
     return path
 
 
-def _stable_dir(store: str, stage: str, key: str, fresh: bool) -> Path:
-    """The stage's resumable folder; `fresh` (--refresh) empties it, but only on the first attempt,
+def _fresh(out: Path, fresh: bool) -> Path:
+    """A stage's resumable folder; `fresh` (--refresh) empties it, but only on the first attempt,
     so Prefect's retries still resume from the newest checkpoint."""
     from prefect.runtime import task_run
 
-    out = artifact_dir(store, stage, key)
     if fresh and task_run.run_count <= 1 and out.exists():
         shutil.rmtree(out)
     return out
@@ -100,24 +111,18 @@ def _numbers(d: dict[str, Any]) -> dict[str, float]:
 
 @task(name="download", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
       retry_condition_fn=_retry_unless_user_error, **CACHED)
-def download(cfg: dict, key: str, store: str, track: dict | None = None) -> dict:
+def download(config: Config, key: str, store: str, track: dict | None = None) -> dict:
     """The capped corpus as JSONL ({"text": ...} per document)."""
-    from gptcore import data
-
-    config = config_from_dict(cfg)
     out = artifact_dir(store, "download", key) / "corpus.jsonl"
     with _Work() as w:
-        info = data.download(config.data, out)
+        info = sources.download(config.data, out)
     return {"path": str(info["path"]), "sha256": info["sha256"], "bytes": info["bytes"],
             "documents": info["documents"], "work_seconds": w.seconds, "run_id": track and track["run_id"]}
 
 
 @task(name="train_tokenizer", **CACHED)
-def train_tokenizer(cfg: dict, key: str, store: str, corpus: dict, track: dict | None = None) -> dict:
+def train_tokenizer(config: Config, key: str, store: str, corpus: dict, track: dict | None = None) -> dict:
     """Train the BPE (or sentencepiece) tokenizer on the corpus — or load `tokenizer.path`."""
-    from gptcore import data, tokenizer as tk
-
-    config = config_from_dict(cfg)
     section = config.tokenizer
     out = artifact_dir(store, "train_tokenizer", key)
     with _Work() as w:
@@ -126,7 +131,7 @@ def train_tokenizer(cfg: dict, key: str, store: str, corpus: dict, track: dict |
         elif section.path:
             tok = tk.load_tokenizer(section.path)
         else:
-            texts = data.read_jsonl_documents(_verified(corpus["path"], corpus["sha256"], "corpus"))
+            texts = sources.read_jsonl_documents(_verified(corpus["path"], corpus["sha256"], "corpus"))
             tok = tk.train_tokenizer(texts, section)
         with atomic_dir(out) as tmp:
             tok.save(tmp)
@@ -136,39 +141,37 @@ def train_tokenizer(cfg: dict, key: str, store: str, corpus: dict, track: dict |
 
 
 @task(name="shard", **CACHED)
-def shard(cfg: dict, key: str, store: str, corpus: dict, tokenizer: dict, track: dict | None = None,
+def shard(config: Config, key: str, store: str, workdir: str, corpus: dict, tokenizer: dict, track: dict | None = None,
           fresh: bool = False) -> dict:
     """Tokenize the corpus into train/val shards; the folder also carries its tokenizer.
 
     Written in place into its stable folder: `prepare_shards` keeps a manifest of finished shards,
     so a killed run resumes after the last one; only a complete manifest is a result.
     """
-    from gptcore import data, tokenizer as tk
-
-    config = config_from_dict(cfg)
     tok = tk.load_tokenizer(tokenizer["dir"])
     if tok.sha256 != tokenizer["sha256"]:
         raise CheckpointError("tokenizer changed since it was trained", tokenizer["dir"], "rerun with --refresh")
-    docs = data.read_jsonl_documents(_verified(corpus["path"], corpus["sha256"], "corpus"))
-    out = _stable_dir(store, "shard", key, fresh)
+    docs = sources.read_jsonl_documents(_verified(corpus["path"], corpus["sha256"], "corpus"))
+    out = _fresh(Path(workdir), fresh)
     with _Work() as w:
         tok.save(out / "tokenizer")
-        manifest = data.prepare_shards(docs, tok, out, shard_tokens=config.data.shard_tokens,
-                                       val_fraction=config.data.val_fraction, num_proc=config.data.num_proc,
-                                       source=config.data.source)
+        manifest = shards_mod.prepare_shards(docs, tok, out, shard_tokens=config.data.shard_tokens,
+                                             val_fraction=config.data.val_fraction, num_proc=config.data.num_proc,
+                                             source=config.data.source)
     _log_artifact(track, out / "manifest.json")
     splits = manifest["splits"]
     return {"dir": str(out), "sha256": sha256_file(out / "manifest.json"), "train_tokens": splits["train"]["tokens"],
             "val_tokens": splits["val"]["tokens"], "work_seconds": w.seconds, "run_id": track and track["run_id"]}
 
 
-def _model_result(summary: dict, track: dict | None, out: Path, extra: dict) -> dict:
-    from gptcore.checkpoint import model_sha256
+def _model_result(summary: dict, track: dict | None, work: Path, published: Path, extra: dict) -> dict:
+    """Publish the engine's final/ as this key's result (hard links), plot the curves, log both."""
     from gptcore.metrics import read_metrics
+    from gptcore.model.folder import model_sha256
 
-    final = Path(summary["final_dir"])
-    rows = read_metrics(out / "metrics.jsonl")
-    plot = tracking.plot_curves(rows, out / "loss.png", title=out.parent.name)
+    final = link_tree(summary["final_dir"], published)
+    rows = read_metrics(work / "metrics.jsonl")
+    plot = tracking.plot_curves(rows, work / "loss.png", title=work.parent.name)
     _log_artifact(track, final, "model")
     if plot:
         _log_artifact(track, plot)
@@ -177,7 +180,7 @@ def _model_result(summary: dict, track: dict | None, out: Path, extra: dict) -> 
     return result
 
 
-def _tracked(config, track: dict | None, work) -> tuple[dict, dict]:
+def _tracked(config: Config, track: dict | None, work) -> tuple[dict, dict]:
     """Run a training engine, `work(callbacks)`, with its per-step metrics batched into MLflow.
 
     Returns its summary and the seconds spent in the engine's own work and in tracking."""
@@ -190,23 +193,18 @@ def _tracked(config, track: dict | None, work) -> tuple[dict, dict]:
 
 
 @task(name="pretrain", retries=1, retry_condition_fn=_retry_unless_user_error, **CACHED)
-def pretrain(cfg: dict, key: str, store: str, shards: dict, track: dict | None = None, fresh: bool = False) -> dict:
-    """Pre-train in a stable folder per key: a retry resumes from its newest checkpoint."""
-    from gptcore import train
-
-    config = config_from_dict(cfg)
+def pretrain(config: Config, key: str, store: str, workdir: str, shards: dict, track: dict | None = None,
+             fresh: bool = False) -> dict:
+    """Pre-train in the lineage's stable folder: a retry, or a larger max_steps, resumes from its newest checkpoint."""
     _verified(Path(shards["dir"]) / "manifest.json", shards["sha256"], "shard manifest")
-    out = _stable_dir(store, "pretrain", key, fresh)
-    summary, timings = _tracked(config, track, lambda callbacks: train.pretrain(config, shards["dir"], out, callbacks=callbacks))
-    return _model_result(summary, track, out, timings)
+    out = _fresh(Path(workdir), fresh)
+    summary, timings = _tracked(config, track, lambda callbacks: pt.pretrain(config, shards["dir"], out, callbacks=callbacks))
+    return _model_result(summary, track, out, artifact_dir(store, "pretrain", key), timings)
 
 
 @task(name="evaluate", **CACHED)
-def evaluate(cfg: dict, key: str, store: str, model: dict, shards: dict, track: dict | None = None) -> dict:
+def evaluate(config: Config, key: str, store: str, model: dict, shards: dict, track: dict | None = None) -> dict:
     """Validation loss and bits per byte beside the unigram baseline, plus sample generations."""
-    from gptcore import evaluate as ev
-
-    config = config_from_dict(cfg)
     tasks_ = list(dict.fromkeys([*config.eval.tasks, "samples"]))
     out = artifact_dir(store, "evaluate", key)
     with atomic_dir(out) as tmp, _Work() as w:
@@ -229,22 +227,20 @@ def evaluate(cfg: dict, key: str, store: str, model: dict, shards: dict, track: 
 
 
 @task(name="finetune", retries=1, retry_condition_fn=_retry_unless_user_error, **CACHED)
-def finetune(cfg: dict, key: str, store: str, model: dict, track: dict | None = None, fresh: bool = False) -> dict:
-    """LoRA (or full) fine-tuning of the pre-trained model, resumable in its stable folder."""
-    from gptcore import finetune as ft
-
-    config = config_from_dict(cfg)
-    out = _stable_dir(store, "finetune", key, fresh)
+def finetune(config: Config, key: str, store: str, workdir: str, model: dict, track: dict | None = None,
+             fresh: bool = False) -> dict:
+    """LoRA (or full) fine-tuning of the pre-trained model, resumable in its lineage's stable folder."""
+    out = _fresh(Path(workdir), fresh)
     summary, timings = _tracked(config, track, lambda callbacks: ft.finetune(config, model["dir"], out, callbacks=callbacks))
     for name in ("samples.txt", "confusion.txt", "eval.json"):
         _log_artifact(track, out / name)
     if summary.get("adapter_dir"):
         _log_artifact(track, summary["adapter_dir"], "adapter")
-    return _model_result(summary, track, out, {"task": str(summary.get("task", "")), **timings})
+    return _model_result(summary, track, out, artifact_dir(store, "finetune", key), {"task": str(summary.get("task", "")), **timings})
 
 
 @task(name="register")
-def register(cfg: dict, models: dict[str, dict], track: dict | None = None) -> dict:
+def register(config: Config, models: dict[str, dict], track: dict | None = None) -> dict:
     """Register each model as a version (alias `candidate`) and run the promotion gate.
 
     `models` maps registered-model name -> (result of its stage, gate metric). Not cached: the
@@ -283,3 +279,45 @@ def _model_source(c, res: dict, track: dict) -> str:
     sub = f"model-{res['sha256'][:12]}"
     c.log_artifacts(track["run_id"], res["dir"], sub)
     return c.get_run(track["run_id"]).info.artifact_uri + "/" + sub
+
+
+# --------------------------------------------------------------------------------------------
+# one record per stage: what the runner needs to know
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    task: Any  # the Prefect task
+    reads: Reads | None  # the config keys its result depends on; None: not cached (the registry is its state)
+    code: tuple[str, ...] = ()  # the gptcore packages it runs: an edit there recomputes it
+    resumable: bool = False  # trains in a stable folder per lineage and resumes there
+    summary: Callable[[dict], str] = lambda r: ""  # the one figure the summary table shows
+
+    @property
+    def cached(self) -> bool:
+        return self.reads is not None
+
+
+def _f(r: dict, k: str, fmt: str = "{:.4f}") -> str:
+    return fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "?"
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("download", download, sources.READS, ("data",),
+          summary=lambda r: f"{_f(r, 'bytes', '{:,}')} bytes, {_f(r, 'documents', '{:,}')} docs"),
+    Stage("train_tokenizer", train_tokenizer, tk.READS, ("tokenizer",),
+          summary=lambda r: f"vocab {_f(r, 'vocab_size', '{:,}')}"),
+    Stage("shard", shard, shards_mod.READS, ("data", "tokenizer"), resumable=True,
+          summary=lambda r: f"{_f(r, 'train_tokens', '{:,}')} train / {_f(r, 'val_tokens', '{:,}')} val tokens"),
+    Stage("pretrain", pretrain, pt.READS, ("training", "model", "data", "evaluation", "tokenizer"), resumable=True,
+          summary=lambda r: f"val bpb {_f(r, 'val_bpb')}, train loss {_f(r, 'train_loss')}"
+                            + (f", resumed from step {r['resumed_from_step']:.0f}" if "resumed_from_step" in r else "")),
+    Stage("evaluate", evaluate, ev.READS, ("evaluation", "model", "data", "tokenizer"),
+          summary=lambda r: f"val bpb {_f(r, 'val_bpb')} vs unigram {_f(r, 'unigram_bpb')}"),
+    Stage("finetune", finetune, ft.READS, ("finetuning", "training", "model", "data", "tokenizer"), resumable=True,
+          summary=lambda r: f"val loss {_f(r, 'val_loss_before')} -> {_f(r, 'val_loss_after')}"
+                            + (f", acc {_f(r, 'accuracy')}" if "accuracy" in r else "")),
+    Stage("register", register, None,
+          summary=lambda r: "; ".join(r.get("decisions", [])) or r.get("skipped", "")),
+)}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 from collections import Counter
 from pathlib import Path
 
@@ -121,24 +120,23 @@ def model_sha256(directory):
 
 
 def install(monkeypatch) -> Counter:
-    """Put the stand-ins in place of gptcore.{data,tokenizer,train,evaluate,finetune,checkpoint}."""
-    import gptcore
+    """Put the stand-ins in place of the gptcore functions the tasks call (attributes of the real modules)."""
+    import importlib
 
     this = sys.modules[__name__]
     names = {
-        "data": ["download", "read_jsonl_documents", "prepare_shards"],
-        "tokenizer": ["train_tokenizer", "load_tokenizer"],
-        "train": ["pretrain"],
-        "evaluate": ["evaluate_checkpoint", "format_report"],
-        "finetune": ["finetune"],
-        "checkpoint": ["model_sha256"],
+        "gptcore.data.sources": ["download", "read_jsonl_documents"],
+        "gptcore.data.sharding": ["prepare_shards"],
+        "gptcore.tokenizer": ["train_tokenizer", "load_tokenizer"],
+        "gptcore.training.pretrain": ["pretrain"],
+        "gptcore.evaluation.evaluate": ["evaluate_checkpoint", "format_report"],
+        "gptcore.finetuning.finetune": ["finetune"],
+        "gptcore.model.folder": ["model_sha256"],
     }
     for mod, fns in names.items():
-        fake = types.ModuleType(f"gptcore.{mod}")
+        real = importlib.import_module(mod)
         for fn in fns:
-            setattr(fake, fn, getattr(this, fn))
-        monkeypatch.setitem(sys.modules, f"gptcore.{mod}", fake)
-        monkeypatch.setattr(gptcore, mod, fake, raising=False)
+            monkeypatch.setattr(real, fn, getattr(this, fn))
     CALLS.clear()
     return CALLS
 

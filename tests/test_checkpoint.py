@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from gptcore.checkpoint import load_model, model_sha256, save_model
+from gptcore.model.folder import load_model, model_sha256, save_model
 from gptcore.errors import CheckpointError
-from gptcore.model import GPTConfig, build_model
+from gptcore.model.gpt import GPTConfig, build_model
 
 torch.set_num_threads(1)
 TEXT = "def add(a, b):\n    return a + b  # the sum\n" * 30 + "Hello world, it's 2024! Ünïcödé 😀\n"
@@ -68,32 +68,28 @@ def test_save_is_atomic(tmp_path, tok):
     assert not (tmp_path / "new").exists()
 
 
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 1
+    path.write_bytes(bytes(data))
+
+
+_DAMAGE = {  # how -> (the file it damages, what it does to it)
+    "no_weights": ("model.safetensors", lambda f: f.unlink()),
+    "truncated_weights": ("model.safetensors", lambda f: f.write_bytes(f.read_bytes()[:-100])),
+    "flipped_byte": ("model.safetensors", _flip_byte),
+    "no_config": ("config.json", lambda f: f.unlink()),
+    "truncated_config": ("config.json", lambda f: f.write_text(f.read_text()[:50])),
+    "no_tokenizer": ("tokenizer/tokenizer.json", lambda f: f.unlink()),
+    "truncated_tokenizer": ("tokenizer/tokenizer.json", lambda f: f.write_bytes(f.read_bytes()[:200])),
+}
+
+
 def _damage(folder, how):
-    w, c, t = folder / "model.safetensors", folder / "config.json", folder / "tokenizer" / "tokenizer.json"
-    if how == "no_weights":
-        w.unlink()
-        return "model.safetensors"
-    if how == "truncated_weights":
-        w.write_bytes(w.read_bytes()[:-100])
-        return "model.safetensors"
-    if how == "flipped_byte":
-        data = bytearray(w.read_bytes())
-        data[-5] ^= 1
-        w.write_bytes(bytes(data))
-        return "model.safetensors"
-    if how == "no_config":
-        c.unlink()
-        return "config.json"
-    if how == "truncated_config":
-        c.write_text(c.read_text()[:50])
-        return "config.json"
-    if how == "no_tokenizer":
-        t.unlink()
-        return "tokenizer.json"
-    if how == "truncated_tokenizer":
-        t.write_bytes(t.read_bytes()[:200])
-        return "tokenizer.json"
-    raise AssertionError(how)
+    """Damage one file of a model folder; returns the name the error must mention."""
+    rel, act = _DAMAGE[how]
+    act(folder / rel)
+    return rel.split("/")[-1]
 
 
 @pytest.mark.parametrize("how", ["no_weights", "truncated_weights", "flipped_byte", "no_config", "truncated_config",
@@ -163,7 +159,7 @@ def test_cli_convert_round_trip(tmp_path, tok, run_cli):
 
 def test_stream_text_never_splits_a_character(tok):
     """A character spread over several byte tokens is yielded once, whole."""
-    from gptcore.generate import stream_text
+    from gptcore.model.generate import stream_text
 
     text = "héllo 😀 wörld"
     byte_id = {tok.decode_bytes([i]): i for i in range(256)}

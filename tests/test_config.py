@@ -1,6 +1,6 @@
 import pytest
 
-from gptcore.config import Config, load_config, parse_override
+from gptcore.config import load_config, parse_override
 from gptcore.errors import ConfigError
 
 
@@ -45,13 +45,6 @@ def test_override_parsing():
     assert parse_override("a.b=hello") == (["a", "b"], "hello")
     with pytest.raises(ConfigError):
         parse_override("ab")
-
-
-def test_section_hash_excludes():
-    a, b = Config(), load_config(None, ["train.max_steps=7"])
-    assert a.section_hash("train") != b.section_hash("train")
-    assert a.section_hash("train", exclude=("train.max_steps",)) == b.section_hash("train", exclude=("train.max_steps",))
-    assert a.section_hash("tokenizer") == b.section_hash("tokenizer")
 
 
 def test_shipped_configs_are_valid():

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from gptcore.convert import bytes_to_unicode, gpt2_vocab_and_merges, load_hf_gpt2, save_hf_gpt2
+from gptcore.convert.hf import bytes_to_unicode, gpt2_vocab_and_merges, load_hf_gpt2, save_hf_gpt2
 from gptcore.errors import CheckpointError, ConfigError
-from gptcore.model import GPTConfig, build_model
+from gptcore.model.gpt import GPTConfig, build_model
 
 torch.set_num_threads(1)
 import transformers  # noqa: E402  (dev extra: the reference implementation)

@@ -6,7 +6,6 @@ import json
 import os
 import random
 import struct
-import sys
 import tracemalloc
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from gptcore.config import config_from_dict
-from gptcore.data import (
+from gptcore.data.sharding import (
     cap_bytes,
     download,
     iter_documents,
@@ -28,7 +27,7 @@ from gptcore.data import (
 )
 from gptcore.errors import DataError
 from gptcore.fileio import sha256_file
-from gptcore.sources import parse_hf_source
+from gptcore.data.sources import parse_hf_source
 from gptcore.tokenizer import BPETokenizer
 
 WORDS = "the of and to in is def return class import self if else for while with as print value list data".split()
@@ -475,7 +474,7 @@ def test_prepare_trains_a_tokenizer_and_is_idempotent(tmp_path):
 
 
 def test_interrupted_prepare_resumes_with_the_same_tokenizer(tmp_path, monkeypatch):
-    import gptcore.data as data_mod
+    import gptcore.data.sharding as data_mod
     import gptcore.tokenizer as tok_mod
 
     cfg = config_from_dict({"data": {"max_bytes": 400_000, "shard_tokens": 4000, "num_proc": 1, "val_fraction": 0.2},

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptcore.data import ShardLoader, bytes_per_token, iter_eval_batches, prepare_shards, write_shard
+from gptcore.data.sharding import ShardLoader, bytes_per_token, iter_eval_batches, prepare_shards, write_shard
 from gptcore.errors import DataError
 
 

@@ -20,7 +20,7 @@ from test_train import make_config  # noqa: E402  (tests/ is on sys.path under p
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from gptcore.data import prepare
+    from gptcore.data.sharding import prepare
 
     d = tmp_path_factory.mktemp("data")
     prepare(make_config(), d, progress=False)
@@ -32,8 +32,8 @@ def pair(data_dir, tmp_path_factory):
     """(our model, its tokenizer, the same weights in transformers' GPT2LMHeadModel)."""
     from transformers import GPT2LMHeadModel
 
-    from gptcore.convert import save_hf_gpt2
-    from gptcore.model import GPTConfig, build_model
+    from gptcore.convert.hf import save_hf_gpt2
+    from gptcore.model.gpt import GPTConfig, build_model
     from gptcore.tokenizer import load_tokenizer
 
     tok = load_tokenizer(data_dir / "tokenizer")
@@ -61,7 +61,7 @@ def req(*args):
 
 
 def test_val_metrics_match_transformers_loss(pair, data_dir):
-    from gptcore.evaluate import split_stats, split_tokens, val_metrics
+    from gptcore.evaluation.evaluate import split_stats, split_tokens, val_metrics
 
     model, _, hf = pair
     T = 31  # HF sees T+1 tokens (it shifts labels itself), within n_positions=32
@@ -78,8 +78,8 @@ def test_val_metrics_match_transformers_loss(pair, data_dir):
 
 
 def test_unigram_bpb_from_scratch(data_dir):
-    from gptcore.data import load_manifest, read_shard
-    from gptcore.evaluate import unigram_bpb
+    from gptcore.data.sharding import load_manifest, read_shard
+    from gptcore.evaluation.evaluate import unigram_bpb
 
     man = load_manifest(data_dir)
     train = [int(t) for s in man["splits"]["train"]["shards"] for t in read_shard(data_dir / s["file"])]
@@ -92,7 +92,7 @@ def test_unigram_bpb_from_scratch(data_dir):
 
 
 def test_loglikelihood_matches_transformers(pair):
-    from gptcore.evaluate import LMEvalAdapter
+    from gptcore.evaluation.lm_eval import LMEvalAdapter
 
     model, tok, hf = pair
     lm = LMEvalAdapter(model, tok, batch_size=3)
@@ -107,7 +107,7 @@ def test_loglikelihood_matches_transformers(pair):
 
 
 def test_loglikelihood_rolling_matches_transformers(pair):
-    from gptcore.evaluate import LMEvalAdapter
+    from gptcore.evaluation.lm_eval import LMEvalAdapter
 
     model, tok, hf = pair
     lm = LMEvalAdapter(model, tok)
@@ -124,7 +124,7 @@ def test_loglikelihood_rolling_matches_transformers(pair):
 
 
 def test_generate_until_matches_transformers_greedy(pair):
-    from gptcore.evaluate import LMEvalAdapter
+    from gptcore.evaluation.lm_eval import LMEvalAdapter
 
     model, tok, hf = pair
     lm = LMEvalAdapter(model, tok)
@@ -141,7 +141,7 @@ def test_generate_until_matches_transformers_greedy(pair):
 
 
 def test_multiple_choice_accuracy(pair, tmp_path):
-    from gptcore.evaluate import load_mc_jsonl, multiple_choice
+    from gptcore.evaluation.evaluate import load_mc_jsonl, multiple_choice
 
     model, tok, hf = pair
     items = [
@@ -168,7 +168,7 @@ def test_multiple_choice_accuracy(pair, tmp_path):
 
 
 def test_samples_are_reproducible(pair):
-    from gptcore.evaluate import samples
+    from gptcore.evaluation.evaluate import samples
 
     model, tok, _ = pair
     a = samples(model, tok, ["def ", "import "], seeds=[0, 1], max_new_tokens=8)
@@ -178,14 +178,14 @@ def test_samples_are_reproducible(pair):
 
 
 def test_hellaswag_offline_is_a_clear_error():
-    from gptcore.evaluate import hellaswag_items
+    from gptcore.evaluation.evaluate import hellaswag_items
 
     with pytest.raises(DataError, match="HellaSwag"):
         hellaswag_items(limit=1)
 
 
 def test_lm_eval_task_without_the_harness_is_a_clear_error(pair):
-    from gptcore.evaluate import _LMBase, run_lm_eval
+    from gptcore.evaluation.lm_eval import _LMBase, run_lm_eval
 
     if _LMBase is not object:
         pytest.skip("lm-eval is installed here; this checks the message when it is not")
@@ -195,7 +195,7 @@ def test_lm_eval_task_without_the_harness_is_a_clear_error(pair):
 
 
 def test_evaluate_cli_writes_eval_json(data_dir, tmp_path, run_cli):
-    from gptcore.train import pretrain
+    from gptcore.training.pretrain import pretrain
 
     cfg = make_config(max_steps=150, batch_size=8, lr=1e-2, warmup_steps=10, eval_every=1000, ckpt_every=1000)
     cfg.model.n_embd = 64

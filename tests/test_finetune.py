@@ -8,10 +8,10 @@ from collections import Counter
 import pytest
 import torch
 
-from gptcore import sft_data
+from gptcore.data import sft as sft_data
 from gptcore.config import config_from_dict
 from gptcore.errors import CheckpointError, DataError
-from gptcore.finetune import finetune
+from gptcore.finetuning.finetune import finetune
 
 torch.set_num_threads(1)
 
@@ -23,8 +23,8 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A 2-layer GPT (block 192) pre-trained for 40 steps on standard-library code, with its own 384-token BPE."""
-    from gptcore.checkpoint import save_model
-    from gptcore.model import GPT, GPTConfig
+    from gptcore.model.folder import save_model
+    from gptcore.model.gpt import GPT, GPTConfig
     from gptcore.tokenizer import BPETokenizer
 
     recs = sft_data.python_docstrings()
@@ -212,8 +212,8 @@ def test_hf_datasets_source_reads_through_datasets(tmp_path):
 
 
 def test_lora_finetune_lowers_val_loss_and_writes_its_outputs(base, tmp_path):
-    from gptcore.checkpoint import load_model, model_sha256
-    from gptcore.lora import apply_adapter
+    from gptcore.model.folder import load_model, model_sha256
+    from gptcore.model.lora import apply_adapter
 
     events = []
     s = finetune(_cfg(max_steps=20, eval_every=10, ckpt_every=10, log_every=5), base, tmp_path / "ft",
@@ -269,7 +269,7 @@ def test_resume_after_a_kill_is_bit_exact(base, tmp_path):
     assert losses("a") == losses("b")
 
     # a resume with different weights-affecting settings is refused, naming the checkpoint
-    with pytest.raises(CheckpointError, match="different fine-tuning run"):
+    with pytest.raises(CheckpointError, match="different run"):
         finetune(_cfg(max_steps=6, ckpt_every=3, eval_every=3, rank=4), base, tmp_path / "b")
 
 
@@ -292,7 +292,7 @@ def test_classification_head_accuracy_and_majority_baseline(base, tmp_path):
 
 
 def test_full_finetuning_trains_every_weight(base, tmp_path):
-    from gptcore.checkpoint import load_model
+    from gptcore.model.folder import load_model
 
     s = finetune(_cfg(method="full", max_steps=2, lr=1e-3, num_samples=0, ckpt_every=2, eval_every=2), base, tmp_path / "f")
     assert s["adapter_dir"] is None and s["trainable_params"] == s["total_params"]
@@ -303,8 +303,8 @@ def test_full_finetuning_trains_every_weight(base, tmp_path):
 
 
 def test_adapter_on_the_wrong_base_is_refused(base, tmp_path):
-    from gptcore.checkpoint import load_model, save_model
-    from gptcore.lora import apply_adapter
+    from gptcore.model.folder import load_model, save_model
+    from gptcore.model.lora import apply_adapter
 
     s = finetune(_cfg(max_steps=1, num_samples=0, ckpt_every=1, eval_every=1, eval_batches=1), base, tmp_path / "o")
     other, tok = load_model(base)
@@ -392,8 +392,8 @@ def test_gpt2_xl_lora_config_is_valid_and_its_estimate_fits_24gb():
     from pathlib import Path
 
     from gptcore.config import load_config
-    from gptcore.finetune import memory_estimate
-    from gptcore.plan import model_config
+    from gptcore.training.plan import memory_estimate
+    from gptcore.training.plan import model_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "gpt2-xl-lora.yaml")
     ft = cfg.finetune

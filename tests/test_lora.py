@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from gptcore.errors import CheckpointError, ConfigError
-from gptcore.lora import (
+from gptcore.model.lora import (
     LoRALinear,
     apply_adapter,
     apply_lora,
@@ -32,7 +32,7 @@ def _randomize_B(model, seed=0):
 
 
 def _tiny_gpt(seed=0):
-    from gptcore.model import GPT, GPTConfig
+    from gptcore.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(seed)
     return GPT(GPTConfig(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
@@ -141,7 +141,7 @@ def test_matches_peft_on_converted_hf_gpt2(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from gptcore.convert import load_hf_gpt2
+    from gptcore.convert.hf import load_hf_gpt2
 
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=101, n_positions=32, n_embd=48, n_layer=2, n_head=4,
@@ -258,7 +258,7 @@ def test_adapter_save_load_round_trip(tmp_path):
 
 
 def test_adapter_rejects_a_different_base_and_corruption(tmp_path, monkeypatch):
-    import gptcore.checkpoint as checkpoint
+    import gptcore.model.folder as checkpoint
 
     model = _tiny_gpt()
     apply_lora(model, rank=2, alpha=2)
@@ -289,8 +289,8 @@ def test_adapter_rank_mismatch_is_a_checkpoint_error(tmp_path):
 
 def test_lora_parameter_formula_matches_a_wrapped_gpt2_xl_on_meta():
     """The count memory_estimate uses = what apply_lora really adds to GPT-2 XL (built on meta: no memory)."""
-    from gptcore.finetune import lora_param_count
-    from gptcore.model import GPT, GPTConfig
+    from gptcore.training.plan import lora_param_count
+    from gptcore.model.gpt import GPT, GPTConfig
 
     for name, rank in (("gpt2-xl", 16), ("llama-style", 4)):
         cfg = GPTConfig.preset(name, vocab_size=50257)

@@ -5,10 +5,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from gptcore.errors import ConfigError
-from gptcore.model import GPT, GPTConfig, KVCache, build_model, sample
+from gptcore.model.gpt import GPT, GPTConfig, KVCache, build_model, sample
 
 torch.set_num_threads(1)  # tiny tensors: threads only add overhead
 
@@ -129,7 +128,7 @@ def test_attention_math_and_sdpa_match_float64(variant):
             attn.q_norm.weight.data.uniform_(0.5, 1.5), attn.k_norm.weight.data.uniform_(0.5, 1.5)
         rope = None
         if m.config.pos == "rope":
-            from gptcore.model import rope_tables
+            from gptcore.model.gpt import rope_tables
             rope = rope_tables(attn.hs, 0, 17, m.config.rope_theta, "cpu")
         with torch.no_grad():
             outs[impl] = attn(x, rope)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from gptcore.model import CausalSelfAttention, GPTConfig
+from gptcore.model.gpt import CausalSelfAttention, GPTConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "02-attention.md"
 

@@ -267,7 +267,7 @@ def test_download_retries_flaky_io_but_not_user_errors(pipe, monkeypatch):
             raise ConnectionError("the hub dropped the connection")
         return pipeline_fakes.download(section, out_file)
 
-    monkeypatch.setattr(sys.modules["gptcore.data"], "download", flaky)
+    monkeypatch.setattr(sys.modules["gptcore.data.sources"], "download", flaky)
     assert status(run(until="download")) == {"download": "computed"}
     assert attempts == ["flaky", "flaky"]  # failed once, retried after a backoff, succeeded
 
@@ -275,7 +275,7 @@ def test_download_retries_flaky_io_but_not_user_errors(pipe, monkeypatch):
         attempts.append("empty")
         raise DataError("the source yielded no documents", section.source, "point data.source at text")
 
-    monkeypatch.setattr(sys.modules["gptcore.data"], "download", empty)
+    monkeypatch.setattr(sys.modules["gptcore.data.sources"], "download", empty)
     with pytest.raises(DataError, match="yielded no documents"):
         run(["data.max_bytes=5000"], until="download")
     assert attempts.count("empty") == 1  # bad input is not retried

@@ -7,7 +7,7 @@ import torch
 
 from gptcore.config import config_from_dict
 from gptcore.errors import ConfigError
-from gptcore.plan import GiB, gpu_spec, plan
+from gptcore.training.plan import GiB, gpu_spec, plan
 
 
 def cfg(preset="gpt2", **train):
@@ -64,7 +64,7 @@ def test_xl_needs_fsdp_or_refuses():
 
 
 def test_require_fit_refuses_before_start():
-    from gptcore.plan import require_fit
+    from gptcore.training.plan import require_fit
 
     assert require_fit(cfg("gpt2"), "NVIDIA H100 80GB HBM3") is False  # fits as configured: DDP
     with pytest.raises(ConfigError, match="does not fit 1 × l4") as e:
@@ -101,7 +101,7 @@ def test_plan_finetune_gpt2_xl_lora_fits_24gb_and_full_does_not():
     from pathlib import Path
 
     from gptcore.config import load_config
-    from gptcore.plan import plan_finetune
+    from gptcore.training.plan import plan_finetune
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "gpt2-xl-lora.yaml")
     p = plan_finetune(cfg, gpu="RTX 4090")

@@ -9,7 +9,8 @@ from tiktoken.load import load_tiktoken_bpe
 
 from gptcore.config import config_from_dict
 from gptcore.errors import CheckpointError, ConfigError
-from gptcore.tokenizer import BPETokenizer, SentencePieceTokenizer, load_tokenizer, train_tokenizer
+from gptcore.tokenizer import BPETokenizer
+from gptcore.tokenizer import SentencePieceTokenizer, load_tokenizer, train_tokenizer
 
 CORPUS = "".join(f"def f{i}(x):\n    return x * {i} + 'text {i}'\n\nclass C{i}:\n    pass\n" for i in range(200))
 

@@ -4,52 +4,12 @@ merge), plus streaming input, determinism, vocab_size accounting and consistency
 import random
 
 import pytest
-import regex
 
-from gptcore.bpe_train import train_merges
+from gptcore.tokenizer.reference import train_reference
+
+from gptcore.tokenizer.train import train_merges
 from gptcore.errors import ConfigError, DataError
 from gptcore.tokenizer import PATTERNS, BPETokenizer
-
-
-def naive_train(texts, num_merges, pattern, specials=()):
-    """Reference BPE trainer, minbpe-style. Each merge: count every adjacent pair in every chunk
-    occurrence, take the highest count, ties -> the smallest (left id, right id); a pair whose bytes
-    already form a token is never merged. Returns [(left id, right id), ...]; merge i makes 256 + i."""
-    words = []
-    for text in texts:
-        for s in specials:
-            text = text.replace(s, "\0SPLIT\0")
-        for part in text.split("\0SPLIT\0"):
-            words += [list(chunk.encode("utf-8")) for chunk in regex.findall(pattern, part)]
-    vocab = [bytes([i]) for i in range(256)]
-    merges = []
-    while len(merges) < num_merges:
-        stats = {}
-        for w in words:
-            for pair in zip(w, w[1:]):
-                stats[pair] = stats.get(pair, 0) + 1
-        candidates = [(-c, p) for p, c in stats.items() if vocab[p[0]] + vocab[p[1]] not in vocab]
-        if not candidates:
-            break
-        _, pair = min(candidates)
-        z = len(vocab)
-        vocab.append(vocab[pair[0]] + vocab[pair[1]])
-        merges.append(pair)
-        words = [_merge(w, pair, z) for w in words]
-    return merges
-
-
-def _merge(ids, pair, z):
-    """_merge([1, 2, 3, 1, 2], (1, 2), 4) -> [4, 3, 4]"""
-    out, i = [], 0
-    while i < len(ids):
-        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
-            out.append(z)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
 
 
 SMALL_CORPORA = [
@@ -72,24 +32,24 @@ def _random_corpus(seed):
 def test_merges_equal_naive_reference(corpus, pattern):
     pat = PATTERNS[pattern]
     tok = BPETokenizer.train(corpus, vocab_size=256 + 60 + 1, pattern=pattern)
-    assert tok.merges == naive_train(corpus, 60, pat, specials=("<|endoftext|>",))
+    assert tok.merges == train_reference(corpus, 60, pat, specials=("<|endoftext|>",))
 
 
 def test_merges_equal_naive_on_real_python_source():
     import inspect
 
-    import gptcore.bpe_train as mod
+    import gptcore.tokenizer.train as mod
 
     src = inspect.getsource(mod)[:12000]
     tok = BPETokenizer.train(src, vocab_size=256 + 150 + 1)
-    assert tok.merges == naive_train([src], 150, PATTERNS["gpt4"])
+    assert tok.merges == train_reference([src], 150, PATTERNS["gpt4"])
 
 
 def test_duplicate_bytes_are_never_merged():
     # "ab"+"c" and "a"+"bc" both spell "abc": the second pair must be skipped
     corpus = ["bc bc bc bc abc abc abc abc ab ab"]
     merges = train_merges({"abc": 4, "bc": 4, "ab": 2}, 10)
-    assert merges == naive_train([c for c in ["abc"] * 4 + ["bc"] * 4 + ["ab"] * 2], 10, r"\S+")
+    assert merges == train_reference([c for c in ["abc"] * 4 + ["bc"] * 4 + ["ab"] * 2], 10, r"\S+")
     tok = BPETokenizer.train(corpus, 300, pattern=r"\S+")
     spelled = [tok.token_bytes(i) for i in range(256 + len(tok.merges))]
     assert len(set(spelled)) == len(spelled)
@@ -147,15 +107,15 @@ def test_merges_equal_naive_on_larger_corpus():
     files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "json", "*.py")))
     texts = [open(f, encoding="utf-8").read() for f in files]
     tok = BPETokenizer.train(texts, vocab_size=256 + 300 + 1, pattern="gpt2")
-    assert tok.merges == naive_train(texts, 300, PATTERNS["gpt2"])
+    assert tok.merges == train_reference(texts, 300, PATTERNS["gpt2"])
 
 
 def test_stream_memory_grows_with_distinct_chunks_not_corpus():
     import tracemalloc
 
-    import gptcore.tokenizer as mod
+    import gptcore.tokenizer.bpe_tokenizer as mod
 
-    doc = open(mod.__file__, encoding="utf-8").read() * 2  # ~70 kB
+    doc = (open(mod.__file__, encoding="utf-8").read() * 8)[:70_000]  # 70 kB of Python
 
     def peak(copies):
         tracemalloc.start()

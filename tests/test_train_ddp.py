@@ -22,7 +22,7 @@ from test_train import make_config  # noqa: E402  (tests/ is on sys.path under p
 
 DRIVER = '''
 import os, sys, torch
-import gptcore.train as T
+import gptcore.training.pretrain as T
 from gptcore.config import load_config
 kept = {}
 real = T._build_model
@@ -39,7 +39,7 @@ if all(type(v) is torch.Tensor for v in kept["m"].state_dict().values()):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from gptcore.data import prepare
+    from gptcore.data.sharding import prepare
 
     d = tmp_path_factory.mktemp("data")
     prepare(make_config(), d, progress=False)
@@ -49,8 +49,8 @@ def data_dir(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_data_parallel_gloo_matches_single_process(data_dir, tmp_path, mode):
     """DDP: replicas identical. FSDP2 (fully_shard, one sharded copy): final/ holds the gathered weights."""
-    from gptcore.checkpoint import load_model
-    from gptcore.train import pretrain
+    from gptcore.model.folder import load_model
+    from gptcore.training.pretrain import pretrain
 
     steps = 10
     single = pretrain(make_config(max_steps=steps, batch_size=8, ckpt_every=5), data_dir, tmp_path / "single")

@@ -11,7 +11,7 @@ transposed on the way in and on the way out. Everything else (embeddings, LayerN
 copied as is, and lm_head is wte (tied).
 
 The tokenizer half: GPT-2's `vocab.json` / `merges.txt` spell every token's bytes as printable
-unicode characters through OpenAI's byte<->unicode table (`bytes_to_unicode`, from gptcore.tokenizer).
+unicode characters through OpenAI's byte<->unicode table (`bytes_to_unicode`, gptcore/tokenizer/formats.py).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 
 from gptcore.errors import CheckpointError, ConfigError
 from gptcore.fileio import atomic_dir
-from gptcore.model import GPT, GPTConfig
-from gptcore.tokenizer import bytes_to_unicode
+from gptcore.model.gpt import GPT, GPTConfig
+from gptcore.tokenizer.formats import bytes_to_unicode
 
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all GELU's tanh approximation
@@ -175,11 +175,6 @@ def save_hf_gpt2(model: GPT, out_dir: str | Path, tokenizer=None) -> Path:
 # ----------------------------------------------------------------------------- tokenizer files
 
 
-def unicode_to_bytes() -> dict[str, int]:
-    """The inverse of `bytes_to_unicode`: "Ġ" -> 32."""
-    return {c: b for b, c in bytes_to_unicode().items()}
-
-
 def gpt2_vocab_and_merges(tokenizer) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """GPT-2 `vocab.json` (token string -> id) and `merges.txt` pairs (in rank order) for one of our
     byte-level BPE tokenizers that splits text with GPT-2's pattern."""
@@ -205,7 +200,7 @@ def checkpoint_from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """A transformers GPT-2 folder -> one of our model folders, with the GPT-2 tokenizer from the
     folder's vocab.json/merges.txt when present, else OpenAI's GPT-2 vocabulary."""
     from gptcore import tokenizer as tk
-    from gptcore.checkpoint import save_model
+    from gptcore.model.folder import save_model
 
     folder = _hf_folder(hf_dir)
     model = load_hf_gpt2(folder)
@@ -218,7 +213,7 @@ def checkpoint_from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
 
 def checkpoint_to_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     """One of our model folders -> a transformers GPT-2 folder (+ vocab files for a GPT-2-style tokenizer)."""
-    from gptcore.checkpoint import load_model
+    from gptcore.model.folder import load_model
     from gptcore.tokenizer import PATTERNS
 
     model, tokenizer = load_model(checkpoint_dir)

@@ -1,16 +1,19 @@
 """Training checkpoints: written atomically, verified by checksum, resumed to the bit.
 
     out_dir/checkpoints/step_000200/
-        config.json  model.safetensors  tokenizer/tokenizer.json     <- a model folder (checkpoint.save_model)
+        config.json  model.safetensors  tokenizer/tokenizer.json     <- pre-training: a model folder
+        trainable.safetensors                                         <- fine-tuning: what trains (LoRA A/B, head)
         optimizer.pt                                                  <- AdamW state, full (unsharded)
-        state.json                                                    <- step, tokens, loader + RNG states,
-                                                                         config hash, sha256 of every file
+        state.json                                                    <- step, progress, per-rank loader + RNG
+                                                                         states, identity, sha256 of every file
 
 A checkpoint folder is built under a temporary name and renamed when complete (`fileio.atomic_dir`),
 so after a kill it either exists whole or not at all. Resume walks the folders newest first and takes
 the first whose files all match the sha256 recorded in state.json; a damaged one is skipped with a
-warning. The config hash covers everything that changes the trained weights except `train.max_steps`
-(so a run can be extended), and a mismatch is refused rather than silently mixing two runs.
+warning. state.json records the run's identity — the config view that determines the weights (each
+recipe declares it once, `gptcore.config.Reads`), the data or base model, the world size — and a
+checkpoint of another run is refused rather than silently mixed in; extending `max_steps` or changing
+the cadence is the same run.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,32 +35,6 @@ from gptcore.errors import CheckpointError
 from gptcore.fileio import atomic_dir, atomic_write_json, remove_stale_temps, sha256_file
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
-
-# Keys that cannot change the trained weights: they may differ between a run and its resume.
-HASH_EXCLUDE = (
-    "train.max_steps",
-    "run.name",
-    "run.out_dir",
-    "train.progress",
-    "train.log_every",
-    "train.eval_every",
-    "train.eval_batches",
-    "train.ckpt_every",
-    "train.keep_last",
-    "train.max_bad_steps",
-)
-HASH_SECTIONS = ("run", "data", "tokenizer", "model", "train")
-
-
-def config_hash(config) -> str:
-    """sha256 of what determines the weights of a run (all but `HASH_EXCLUDE`)."""
-    return config.section_hash(*HASH_SECTIONS, exclude=HASH_EXCLUDE)
-
-
-def hashed_view(config) -> dict[str, Any]:
-    """The flat `section.key -> value` map that `config_hash` covers (for naming what changed)."""
-    return {k: v for k, v in config.flat().items() if k.split(".")[0] in HASH_SECTIONS and k not in HASH_EXCLUDE}
-
 
 # ---------------------------------------------------------------------------------------------
 # RNG states as JSON
@@ -122,20 +99,18 @@ def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
 def save_checkpoint(
     out_dir: str | Path,
     step: int,
-    model: torch.nn.Module,
-    tokenizer,
+    write_weights: Callable[[Path], None],
     optimizer_state: dict[str, Any],
     state: dict[str, Any],
 ) -> Path:
-    """Write `checkpoints/step_{step:06d}/` atomically. `model` holds the full (unsharded) weights.
+    """Write `checkpoints/step_{step:06d}/` atomically: the weights (`write_weights(tmp)`: a whole
+    model folder for pre-training, the trained tensors for fine-tuning), optimizer.pt, state.json.
 
     `state` is stored as state.json with `step`, `files` (sha256 of every other file) added.
     """
-    from gptcore.checkpoint import save_model
-
     path = checkpoint_dir(out_dir, step)
     with atomic_dir(path) as tmp:
-        save_model(model, tokenizer, tmp)
+        write_weights(tmp)
         torch.save(optimizer_state, tmp / "optimizer.pt")
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         atomic_write_json(tmp / "state.json", {**_jsonable(state), "step": step, "files": files})
@@ -196,19 +171,30 @@ def latest_intact(out_dir: str | Path, weights: str = "model.safetensors") -> tu
     return None
 
 
-def check_config(state: dict[str, Any], config, path: str | Path) -> None:
-    """Refuse to resume a checkpoint written by a different config (train.max_steps may differ)."""
-    if state.get("config_hash") == config_hash(config):
+def check_identity(saved: dict[str, Any], now: dict[str, Any], path: str | Path) -> None:
+    """Refuse to resume a checkpoint of another run: its identity (the config view that determines
+    the weights, the data or base model, the world size) must equal this run's; name what differs."""
+    if saved == now:
         return
-    saved = state.get("config_view", {})
-    now = hashed_view(config)
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5]) or "unknown keys"
+    flat_saved, flat_now = _flatten(saved), _flatten(now)
+    changed = sorted(k for k in set(flat_saved) | set(flat_now) if flat_saved.get(k) != flat_now.get(k))
+    shown = ", ".join(f"{k}: {flat_saved.get(k)!r} -> {flat_now.get(k)!r}" for k in changed[:5])
     raise CheckpointError(
-        f"checkpoint was written with a different config ({shown})",
+        f"checkpoint was written by a different run ({shown})",
         str(path),
-        "resume with the same config (only train.max_steps may change) or pass a new --out folder",
+        "resume with the same config, data and number of processes (how long it trains and how often it "
+        "logs, evaluates and saves may change), or pass a new --out folder",
     )
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def prune_checkpoints(out_dir: str | Path, keep_last: int) -> list[Path]:

@@ -1,11 +1,16 @@
 """The optimizer and the learning-rate schedule, shared by pre-training and fine-tuning.
 
 AdamW with weight decay on matrices only (embeddings and linear weights); biases and norm gains
-are not decayed, as in GPT-2/nanoGPT. The schedule is a linear warmup then a cosine decay to
-`min_lr`:
+are not decayed, as in GPT-2/nanoGPT. Two schedules, both starting with a linear warmup:
 
     lr(step) = lr · (step+1)/warmup                                   step < warmup
-             = min_lr + ½ (lr − min_lr) (1 + cos(π · progress))       after, progress ∈ [0, 1]
+    cosine   = min_lr + ½ (lr − min_lr) (1 + cos(π · progress))       after, progress ∈ [0, 1]
+    wsd      = lr                                                     until the last decay_fraction of steps,
+             = lr − (lr − min_lr) · d                                 then linear, d ∈ [0, 1] over the decay
+
+Warmup-stable-decay (Hu et al. 2024, MiniCPM; Hägele et al. 2024) holds the peak rate for most of
+the run, so a run extended to more steps continues from a stable-phase checkpoint at full speed and
+only the final decay depends on the length; cosine's whole curve depends on `max_steps`.
 """
 
 from __future__ import annotations
@@ -39,11 +44,18 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **extra)
 
 
-def lr_at(step: int, max_steps: int, lr: float, min_lr: float | None = None, warmup_steps: int = 0) -> float:
-    """The learning rate for optimizer step `step` (0-based): linear warmup, then cosine to `min_lr`."""
+def lr_at(step: int, max_steps: int, lr: float, min_lr: float | None = None, warmup_steps: int = 0,
+          schedule: str = "cosine", decay_fraction: float = 0.2) -> float:
+    """The learning rate for optimizer step `step` (0-based): linear warmup, then cosine or wsd to `min_lr`."""
     min_lr = lr / 10 if min_lr is None else min_lr
     if warmup_steps > 0 and step < warmup_steps:
         return lr * (step + 1) / warmup_steps
+    if schedule == "wsd":
+        decay_steps = max(1, round(decay_fraction * max_steps))
+        start = max_steps - decay_steps
+        if step < start:
+            return lr
+        return lr - (lr - min_lr) * min(1.0, (step - start + 1) / decay_steps)
     decay_steps = max(1, max_steps - warmup_steps)
     progress = min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))

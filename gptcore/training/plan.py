@@ -17,36 +17,24 @@ fits: as configured → FSDP → activation checkpointing → a smaller micro-ba
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from gptcore.errors import ConfigError
+from gptcore.model.gpt import swiglu_hidden
+from gptcore.model.lora import DEFAULT_TARGETS
 
 GiB = 1024**3
 ASSUMED_MFU = 0.4
 
-# words in the name -> (peak dense bf16 FLOP/s, memory GiB); the most specific match wins
+# words in the name -> (peak dense bf16 FLOP/s, memory GiB), from gpus.json beside this file
 GPUS: dict[str, tuple[float, float]] = {
-    "b200": (2250e12, 180),
-    "h200": (989e12, 141),
-    "h100": (989e12, 80),  # SXM
-    "h100 pcie": (756e12, 80),
-    "h100 nvl": (835e12, 94),
-    "gh200": (989e12, 96),
-    "a100": (312e12, 80),
-    "a100 40gb": (312e12, 40),
-    "l40s": (362e12, 48),
-    "l4": (121e12, 24),
-    "a10g": (70e12, 24),
-    "a10": (125e12, 24),
-    "rtx 4090": (165e12, 24),
-    "4090": (165e12, 24),
-    "rtx 3090": (71e12, 24),
-    "v100": (125e12, 32),  # fp16 (no bf16)
-    "t4": (65e12, 16),
-    "mi300x": (1307e12, 192),
+    name: (row[0], row[1]) for name, row in json.loads((Path(__file__).parent / "gpus.json").read_text()).items()
+    if not name.startswith("_")
 }
 
 
@@ -96,7 +84,7 @@ def peak_flops(device: torch.device | str) -> float:
 
 def model_config(config, vocab_size: int | None = None):
     """The GPTConfig a run builds (vocab from the argument, the config, or the tokenizer section)."""
-    from gptcore.model import GPTConfig
+    from gptcore.model.gpt import GPTConfig
 
     over = config.model.overrides()
     if vocab_size is not None:
@@ -131,7 +119,7 @@ def plan(config, gpu: str | None = None, world_size: int = 1, vocab_size: int | 
     `gpu` names a GPU ("H100", "A100-40GB", "RTX 4090", torch's device name...) or "cpu";
     by default the local CUDA device when there is one, else the CPU.
     """
-    from gptcore.model import GPT
+    from gptcore.model.gpt import GPT
 
     gcfg = model_config(config, vocab_size)
     with torch.device("meta"):
@@ -219,16 +207,58 @@ def require_fit(config, gpu: str, world_size: int = 1, vocab_size: int | None = 
                       f"{p['usable_gib']:.1f} GiB usable", "train", fix)
 
 
+def lora_param_count(gcfg, rank: int, targets=DEFAULT_TARGETS) -> int:
+    """Trainable LoRA numbers: r · (in + out) per wrapped linear (A is r×in, B is out×r)."""
+    C, L = gcfg.n_embd, gcfg.n_layer
+    hs = C // gcfg.n_head
+    kv = (gcfg.n_kv_head or gcfg.n_head) * hs
+    hidden = swiglu_hidden(C) if gcfg.mlp == "swiglu" else 4 * C  # SwiGLU fuses gate and up in one c_fc
+    shapes = {"attn.c_attn": (C, C + 2 * kv), "attn.c_proj": (C, C),
+              "mlp.c_fc": (C, 2 * hidden if gcfg.mlp == "swiglu" else hidden), "mlp.c_proj": (hidden, C)}
+    return L * sum(rank * (i + o) for t, (i, o) in shapes.items() if t in targets)
+
+
+def memory_estimate(config, gcfg, device_bf16: bool = True) -> dict[str, float]:
+    """Bytes one device needs to fine-tune `gcfg` with `config.finetune` (what `gptcore plan` can show).
+
+        weights       P · 2 (bf16 frozen base) or P · 4
+        trainable     16 bytes per trained number: fp32 weight + grad + AdamW m and v
+                      (LoRA: r·(in+out) per target; full: every P)
+        activations   checkpointing: one (B, T, C) input per block + one block recomputed (~34·BTC bytes);
+                      otherwise ~34·BTC bytes per block (bf16, flash/SDPA attention: no T² term)
+        logits        B·T·V · (2 bf16 + 4 fp32 copy + 4 its grad)
+    """
+    ft = config.finetune
+    P = _gpt_params(gcfg)
+    act = 2 if device_bf16 else 4
+    B, T, C, L, V = ft.batch_size, min(ft.max_len or gcfg.block_size, gcfg.block_size), gcfg.n_embd, gcfg.n_layer, gcfg.vocab_size
+    lora = ft.method == "lora"
+    wbytes = 2 if (lora and device_bf16 and ft.base_dtype != "float32") else 4
+    trained = lora_param_count(gcfg, ft.rank, ft.targets or DEFAULT_TARGETS) if lora else P
+    per_block = 17 * act * B * T * C
+    acts = (L * act * B * T * C + per_block) if ft.activation_checkpointing else L * per_block
+    out = {"weights": P * wbytes, "trainable_state": 16 * trained, "activations": acts, "logits": B * T * V * (act + 8)}
+    out["total"] = sum(out.values())
+    out["trainable_params"] = trained
+    out["params"] = P
+    return out
+
+
+def _gpt_params(gcfg) -> int:
+    with torch.device("meta"):
+        from gptcore.model.gpt import GPT
+
+        return GPT(gcfg).num_params()
+
+
 def plan_finetune(config, gpu: str | None = None) -> dict[str, Any]:
     """Memory and fit for `gptcore finetune` with `config.finetune` on one device.
 
     Fine-tuning trains on one device: the frozen base (bf16 under LoRA with `finetune.base_dtype`),
     the trained numbers' fp32 weight + grad + AdamW moments, the activations and the logits; the
-    arithmetic is `gptcore.finetune.memory_estimate`. No FSDP: a recommendation toggles activation
+    arithmetic is `memory_estimate` above. No FSDP: a recommendation toggles activation
     checkpointing, then halves the micro-batch (more accumulation, same examples per step).
     """
-    from gptcore.finetune import memory_estimate
-
     gcfg = model_config(config)
     if gpu is None:
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"

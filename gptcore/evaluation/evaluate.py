@@ -12,7 +12,7 @@ the baselines it has to beat, plus samples and multiple-choice accuracy.
 
 Multiple choice (HellaSwag style): each ending is scored by the log-likelihood of its tokens given
 the context; `acc` picks the highest sum, `acc_norm` the highest sum per byte of the ending.
-`LMEvalAdapter` exposes the same scoring to EleutherAI's lm-evaluation-harness.
+`gptcore.evaluation.lm_eval` exposes the same scoring to EleutherAI's lm-evaluation-harness.
 """
 
 from __future__ import annotations
@@ -25,11 +25,15 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from gptcore.errors import DataError
+from gptcore.reads import Reads
+from gptcore.evaluation.scoring import continuation_logprobs
 
 LN2 = math.log(2)
+
+# what `evaluate_checkpoint` reads from a config (gptcore/reads.py)
+READS = Reads(keys=("eval",))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,8 +41,8 @@ LN2 = math.log(2)
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
-    """The complete, verified manifest.json of a data folder (`gptcore.data.load_manifest`)."""
-    from gptcore.data import load_manifest
+    """The complete, verified manifest.json of a data folder (`gptcore.data.sharding.load_manifest`)."""
+    from gptcore.data.sharding import load_manifest
 
     return load_manifest(data_dir)
 
@@ -58,7 +62,7 @@ def split_stats(data_dir: str | Path, split: str = "val") -> tuple[int, int]:
 
 def split_tokens(data_dir: str | Path, split: str = "val") -> np.ndarray:
     """All tokens of a split, shards concatenated in manifest order (each shard verified on read)."""
-    from gptcore.data import read_shard
+    from gptcore.data.sharding import read_shard
 
     info = _split_info(read_manifest(data_dir), split)
     parts = []
@@ -71,7 +75,7 @@ def split_tokens(data_dir: str | Path, split: str = "val") -> np.ndarray:
 
 
 def _shards(data_dir: str | Path, split: str) -> Iterable[np.ndarray]:
-    from gptcore.data import read_shard
+    from gptcore.data.sharding import read_shard
 
     for shard in _split_info(read_manifest(data_dir), split).get("shards", []):
         yield read_shard(Path(data_dir) / shard["file"])
@@ -148,43 +152,6 @@ def val_metrics(
 
 
 @torch.no_grad()
-def continuation_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 16) -> list[tuple[float, bool]]:
-    """For each (context ids, continuation ids): (sum log p(continuation | context), greedy?).
-
-    Sequences longer than the model's block are cut from the left. `greedy` is True when every
-    continuation token is the argmax at its position (lm-eval's `is_greedy`).
-    """
-    device = next(model.parameters()).device
-    bs = model.config.block_size
-    out: list[tuple[float, bool]] = []
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(0, len(pairs), batch_size):
-            chunk = pairs[i : i + batch_size]
-            rows, spans = [], []
-            for ctx, cont in chunk:
-                if not cont:
-                    raise DataError("empty continuation", "loglikelihood request", "give at least one continuation token")
-                full = (list(ctx) + list(cont))[-(bs + 1):]
-                inp = full[:-1]
-                rows.append(inp)
-                spans.append((len(inp) - len(cont), full[-len(cont):]))  # first scored position, targets
-            L = max(len(r) for r in rows)
-            x = torch.zeros(len(rows), L, dtype=torch.long)
-            for r, ids in enumerate(rows):
-                x[r, : len(ids)] = torch.tensor(ids)
-            logits, _ = model(x.to(device))
-            logp = F.log_softmax(logits.float(), dim=-1)  # (b, L, V)
-            for r, (start, targets) in enumerate(spans):
-                tgt = torch.tensor(targets, device=device)
-                lp = logp[r, start : start + len(targets)]  # (n, V)
-                out.append((float(lp.gather(1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all())))
-    finally:
-        model.train(was_training)
-    return out
-
-
 def load_mc_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Items {context: str, endings: [str, ...], label: int} from a JSONL file, each line checked."""
     path = Path(path)
@@ -267,82 +234,6 @@ def samples(model, tokenizer, prompts: Sequence[str], seeds: Sequence[int], max_
 
 
 # ---------------------------------------------------------------------------------------------
-# lm-evaluation-harness
-
-
-try:  # optional: the adapter works on plain request objects without it
-    from lm_eval.api.model import LM as _LMBase  # type: ignore
-except Exception:  # noqa: BLE001 - not installed
-    _LMBase = object
-
-
-class LMEvalAdapter(_LMBase):
-    """Our model behind lm-evaluation-harness's LM interface. Requests carry `.args`:
-
-        loglikelihood:          (context, continuation)   -> (sum log p, is_greedy)
-        loglikelihood_rolling:  (text,)                    -> sum log p of the whole text
-        generate_until:         (context, {"until": [...], "max_gen_toks": n})  -> greedy text
-    """
-
-    def __init__(self, model, tokenizer, batch_size: int = 16):
-        if _LMBase is not object:
-            super().__init__()
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-
-    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        pairs = []
-        for r in requests:
-            context, continuation = r.args[0], r.args[1]
-            ctx = self.tokenizer.encode_ordinary(context) if context else self._prefix()
-            pairs.append((ctx, self.tokenizer.encode_ordinary(continuation)))
-        return continuation_logprobs(self.model, pairs, self.batch_size)
-
-    def loglikelihood_rolling(self, requests) -> list[float]:
-        bs = self.model.config.block_size
-        out = []
-        for r in requests:
-            toks = self.tokenizer.encode_ordinary(r.args[0])
-            prefix = self._prefix()
-            if not prefix:  # no end-of-text token: the first token is context, not scored
-                prefix, toks = toks[:1], toks[1:]
-            pairs = []
-            for i in range(0, len(toks), bs):  # disjoint windows, each conditioned on the token before it
-                ctx = prefix if i == 0 else toks[i - 1 : i]
-                pairs.append((ctx, toks[i : i + bs]))
-            out.append(sum(lp for lp, _ in continuation_logprobs(self.model, pairs, self.batch_size)))
-        return out
-
-    def generate_until(self, requests) -> list[str]:
-        device = next(self.model.parameters()).device
-        out = []
-        for r in requests:
-            context, kw = r.args[0], (r.args[1] if len(r.args) > 1 else {}) or {}
-            until = kw.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            ids = self.tokenizer.encode_ordinary(context) or self._prefix() or [0]
-            idx = torch.tensor([ids], dtype=torch.long, device=device)
-            y = self.model.generate(idx, int(kw.get("max_gen_toks", 64)), temperature=0.0, eos_id=self.tokenizer.eot_id)
-            text = self.tokenizer.decode([t for t in y[0, len(ids):].tolist() if t != self.tokenizer.eot_id])
-            cut = min([text.find(s) for s in until if s and s in text], default=len(text))
-            out.append(text[:cut])
-        return out
-
-    def _prefix(self) -> list[int]:
-        return [self.tokenizer.eot_id] if self.tokenizer.eot_id is not None else []
-
-
-def run_lm_eval(model, tokenizer, tasks: Sequence[str], limit: int | None = None) -> dict[str, Any]:
-    """Any lm-evaluation-harness task on our model through `LMEvalAdapter` (needs `pip install lm-eval`)."""
-    if _LMBase is object:
-        raise DataError("lm-evaluation-harness is not installed", "lm-eval:" + "+".join(tasks),
-                        "pip install lm-eval, or use --tasks mc:PATH.jsonl / hellaswag")
-    import lm_eval  # type: ignore
-
-    out = lm_eval.simple_evaluate(model=LMEvalAdapter(model, tokenizer), tasks=list(tasks), limit=limit)
-    return {name: {k: v for k, v in r.items() if isinstance(v, (int, float))} for name, r in out["results"].items()}
-
-
-# ---------------------------------------------------------------------------------------------
 # the evaluate verb
 
 
@@ -360,7 +251,7 @@ def evaluate_checkpoint(
     "lm-eval:TASK[+TASK...]" (lm-evaluation-harness, when installed).
     `previous`: an eval.json (or a folder holding one) of the previous best model, shown beside ours.
     """
-    from gptcore.checkpoint import load_model, model_sha256
+    from gptcore.model.folder import load_model, model_sha256
     from gptcore.config import Config
     from gptcore.fileio import atomic_write_json
 
@@ -389,6 +280,8 @@ def evaluate_checkpoint(
         elif task == "hellaswag":
             result["tasks"]["hellaswag"] = multiple_choice(model, tokenizer, hellaswag_items())
         elif task.startswith("lm-eval:"):
+            from gptcore.evaluation.lm_eval import run_lm_eval
+
             result["tasks"][task] = run_lm_eval(model, tokenizer, task.split(":", 1)[1].split("+"))
     if previous is not None:
         p = Path(previous)

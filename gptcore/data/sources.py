@@ -25,6 +25,10 @@ from typing import Iterable, Iterator
 
 from gptcore.errors import DataError
 from gptcore.fileio import atomic_file
+from gptcore.reads import Reads
+
+# what `download` reads (gptcore/reads.py): the source, the cap, the JSON field of the text
+READS = Reads(keys=("data.source", "data.max_bytes", "data.text_field"))
 
 # stdlib folders that are tests, test data or third-party code rather than library source
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}

@@ -5,8 +5,8 @@
               ──(cut every shard_tokens)────────> train_000000.bin ... val_000000.bin + manifest.json
     shards ────(memmap, seeded random windows)─> ShardLoader.next_batch() -> x, y: (B, T) int64
 
-The sources (python-stdlib, hf:..., files:...) live in `gptcore.sources`, the `.bin` format in
-`gptcore.shards`; this module re-exports them so `gptcore.data` is the one name to import.
+The sources (python-stdlib, hf:..., files:...) live in `gptcore.data.sources`, the `.bin` format in
+`gptcore.data.shards`; this module re-exports them so `gptcore.data.sharding` is the one name to import.
 
 Split rule: a document goes to val when blake2b-64(its UTF-8 bytes) / 2^64 < val_fraction. The
 decision depends on the document alone, so it is stable as the corpus grows. So that neither split
@@ -35,8 +35,9 @@ import numpy as np
 from gptcore.errors import DataError
 from gptcore.fileio import atomic_write_json, remove_stale_temps, sha256_file
 from gptcore.progress import progress_bar
-from gptcore.shards import read_shard, read_shard_header, token_dtype, write_shard  # noqa: F401  (re-exported)
-from gptcore.sources import (  # noqa: F401  (re-exported)
+from gptcore.reads import Reads, view_hash
+from gptcore.data.shards import read_shard, read_shard_header, token_dtype, write_shard  # noqa: F401  (re-exported)
+from gptcore.data.sources import (  # noqa: F401  (re-exported)
     cap_bytes,
     download,
     iter_documents,
@@ -48,6 +49,9 @@ SPLITS = ("train", "val")
 SPLIT_RULE = ("val if blake2b-64(utf-8 bytes of the document) / 2^64 < val_fraction, else train; "
               "if a split would be empty, the last document goes there")
 MANIFEST_FORMAT = "gptcore-shards/1"
+
+# what `prepare_shards` reads (gptcore/reads.py); the worker count never changes the shards
+READS = Reads(keys=("data.source", "data.shard_tokens", "data.val_fraction", "data.num_proc"), cadence=("data.num_proc",))
 
 
 def hash_split(data: bytes, val_fraction: float) -> tuple[bytes, str]:
@@ -370,7 +374,10 @@ def prepare(config, out_dir: str | Path, progress: bool | None = None) -> dict:
     if empty:
         raise DataError("the source yielded no documents", config.data.source,
                         "point data.source at non-empty text (or raise data.max_bytes)")
-    config_sha = config.section_hash("data", "tokenizer", exclude=("data.num_proc",))
+    from gptcore import tokenizer as tok_mod
+    from gptcore.data.sources import READS as DOWNLOAD_READS
+
+    config_sha = view_hash((DOWNLOAD_READS + tok_mod.READS + READS).result_view(config))
     tokenizer = _tokenizer_for(config, out_dir, config_sha)
     tok_dir = out_dir / "tokenizer"
     try:

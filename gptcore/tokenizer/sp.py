@@ -11,10 +11,10 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from gptcore.bpe_train import iter_texts
+from gptcore.tokenizer.train import iter_texts
 from gptcore.errors import CheckpointError, ConfigError, DataError, GptcoreError
 from gptcore.fileio import atomic_write_bytes, sha256_bytes
-from gptcore.tokenizer_base import (ENDOFTEXT, FORMAT_SP, VERSION, SpecialTokensMixin, _content_sha, _dump,
+from gptcore.tokenizer.base import (ENDOFTEXT, FORMAT_SP, VERSION, SpecialTokensMixin, _content_sha, _dump,
                                     _read_tokenizer_json)
 
 

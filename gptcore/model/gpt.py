@@ -4,7 +4,7 @@ Read top to bottom: the config and its presets, the pieces (norms, position enco
 MLPs) each its own small class picked from a registry, the `Block`, and `GPT` itself with
 generation. Module names follow nanoGPT (and so OpenAI's checkpoint): `transformer.wte`,
 `transformer.h[i].attn.c_attn`, ..., `lm_head`, and every projection is a plain `nn.Linear`, so
-LoRA can wrap it and `gptcore.convert` can map GPT-2's weights one to one.
+LoRA can wrap it and `gptcore.convert.hf` can map GPT-2's weights one to one.
 
 Shapes: B batch, T time (tokens), C channels (n_embd), nh heads, nkv key/value heads, hs head size.
 """
@@ -25,6 +25,8 @@ from gptcore.errors import ConfigError
 
 # ----------------------------------------------------------------------------- config
 
+POSITIONS = ("learned", "rope")  # a wpe table, or rotary inside attention
+ATTN_IMPLS = ("sdpa", "math")  # the fused kernel, or the written-out softmax(QK^T/sqrt(hs))V
 
 @dataclass
 class GPTConfig:
@@ -52,8 +54,8 @@ class GPTConfig:
             (self.n_head % self.n_kv_head == 0, "n_kv_head", "n_head must be a multiple of n_kv_head"),
             (self.norm in NORMS, "norm", f"choose one of {sorted(NORMS)}"),
             (self.mlp in MLPS, "mlp", f"choose one of {sorted(MLPS)}"),
-            (self.pos in ("learned", "rope"), "pos", "choose 'learned' or 'rope'"),
-            (self.attn_impl in ("sdpa", "math"), "attn_impl", "choose 'sdpa' or 'math'"),
+            (self.pos in POSITIONS, "pos", f"choose one of {POSITIONS}"),
+            (self.attn_impl in ATTN_IMPLS, "attn_impl", f"choose one of {ATTN_IMPLS}"),
             (self.pos != "rope" or (self.n_embd // self.n_head) % 2 == 0, "pos", "rope needs an even head size"),
             (min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_kv_head) > 0,
              "model", "sizes must be positive"),
@@ -247,6 +249,11 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
+def swiglu_hidden(n_embd: int) -> int:
+    """SwiGLU's hidden width: 8/3·C rounded up to a multiple of 64 (a 4x GELU MLP's parameter count)."""
+    return 64 * math.ceil(8 * n_embd / 3 / 64)
+
+
 class SwiGLU(nn.Module):
     """Llama's feed-forward: silu(x·W_gate) ⊙ (x·W_up), then down. `c_fc` holds gate and up fused.
 
@@ -255,7 +262,7 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        hidden = 64 * math.ceil(8 * config.n_embd / 3 / 64)
+        hidden = swiglu_hidden(config.n_embd)
         self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)

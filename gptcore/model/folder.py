@@ -18,7 +18,7 @@ import torch
 
 from gptcore.errors import CheckpointError, GptcoreError
 from gptcore.fileio import atomic_dir, sha256_bytes, sha256_file
-from gptcore.model import GPT, GPTConfig
+from gptcore.model.gpt import GPT, GPTConfig
 
 FORMAT, VERSION = "gptcore-model", 1
 

@@ -250,7 +250,7 @@ def apply_adapter(model: nn.Module, adapter_dir: str | Path, base_dir: str | Pat
     """
     meta = read_adapter_meta(adapter_dir)
     if base_dir is not None and meta.get("base_sha256"):
-        from gptcore.checkpoint import model_sha256
+        from gptcore.model.folder import model_sha256
 
         actual = model_sha256(base_dir)
         if actual != meta["base_sha256"]:

@@ -76,10 +76,6 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device, fsd
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
-
-
 def sync_context(model: torch.nn.Module, last_micro_step: bool):
     """Skip the gradient all-reduce on every micro-batch but the last one of an optimizer step."""
     if hasattr(model, "no_sync") and not last_micro_step:
@@ -111,19 +107,29 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Unsharded model and optimizer state dicts on CPU (collective under FSDP; plain copy otherwise)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+def full_model_state_dict(model: torch.nn.Module) -> dict:
+    """The unsharded model state dict on CPU (a collective under FSDP; a plain copy otherwise)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict | None) -> None:
-    """Load unsharded state dicts into a (possibly DDP/FSDP-wrapped) model and its optimizer."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+def full_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The unsharded optimizer state dict on CPU, keyed by parameter name (collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_sd, options=opts)
-    if optim_sd is not None:
-        set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_model_state_dict(model: torch.nn.Module, model_sd: dict) -> None:
+    """Load an unsharded state dict into a (possibly DDP/FSDP-wrapped) model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True))
+
+
+def load_full_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_sd: dict) -> None:
+    """Load an unsharded optimizer state dict (as `full_optimizer_state_dict` wrote it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))

