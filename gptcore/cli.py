@@ -252,11 +252,12 @@ def pretrain_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: the config's run.out_dir)."),
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
-    """Pre-train on prepared shards; run it again to resume from the newest intact checkpoint."""
-    from gptcore.training.pretrain import pretrain
+    """Pre-train on prepared shards; run it again to resume from the newest intact checkpoint.
+    With train.nproc_per_node (× train.nnodes) > 1 every rank runs under torchrun."""
+    from gptcore.training.launch import run_engine
 
     cfg = _load_config(config, overrides)
-    s = pretrain(cfg, data, out or cfg.out_dir)
+    s = run_engine("pretrain", cfg, [data], out or cfg.out_dir)
     num = lambda k: "-" if s.get(k) is None else f"{s[k]:.4f}"  # noqa: E731
     print(f"step {s['step']}  train loss {num('train_loss')}  val loss {num('val_loss')}  "
           f"val bpb {num('val_bpb')}  ({s['seconds']:.0f} s)")
@@ -313,9 +314,10 @@ def finetune_cmd(
 ) -> None:
     """Fine-tune --base (LoRA or full) for instructions or classification; run again to resume."""
     cfg = _load_config(config, overrides)
-    from gptcore.finetuning.finetune import finetune, format_summary
+    from gptcore.finetuning.finetune import format_summary
+    from gptcore.training.launch import run_engine
 
-    print(format_summary(finetune(cfg, base, out or cfg.out_dir / "finetune")))
+    print(format_summary(run_engine("finetune", cfg, [base], out or cfg.out_dir / "finetune")))
 
 
 # === section: run, deploy (issue 8) ==========================================================
