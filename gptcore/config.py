@@ -134,6 +134,7 @@ class TrainSection(Section):
     nnodes: int = Field(default=1, gt=0)
     node_rank: int = Field(default=0, ge=0)
     rdzv_endpoint: str | None = None  # HOST:PORT of node 0, needed when nnodes > 1
+    node_deployment: str = "gptcore-node/gpu-node"  # the pipeline runs each node as a run of this deployment
 
     @field_validator("nproc_per_node")
     @classmethod

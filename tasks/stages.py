@@ -39,7 +39,7 @@ from gptcore.finetuning import finetune as ft
 from gptcore.reads import Reads
 from gptcore.training import launch
 from gptcore.training import pretrain as pt
-from tasks import tracking
+from tasks import nodes, tracking
 from tasks.caching import artifact_dir
 
 # The key is computed by the flow from content hashes; Prefect adds the task's own source.
@@ -190,7 +190,10 @@ def _tracked(config: Config, track: dict | None, engine: str, args: list, out: P
     c, run_id = _client(track)
     buf = tracking.MetricBuffer(c, run_id, every=config.tracking.log_every)
     with tracking.system_metrics(track), _Work() as w:
-        summary = launch.run_engine(engine, config, args, out, callbacks=[buf])
+        if config.train.nnodes > 1:  # one deployment run per node (tasks/nodes.py)
+            summary = nodes.run_on_nodes(engine, config, args, out, callbacks=[buf])
+        else:
+            summary = launch.run_engine(engine, config, args, out, callbacks=[buf])
     buf.flush()
     if c is not None:
         tracking.log_params(c, run_id, {k: summary.get(k) for k in ("world_size", "nnodes", "device", "dtype")})

@@ -232,8 +232,11 @@ def system_metrics(track: dict | None, interval: float = 5.0):
     if not track:
         yield
         return
+    import logging
+
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter on the console
     monitor = SystemMetricsMonitor(track["run_id"], sampling_interval=interval, tracking_uri=track["uri"])
     monitor.start()
     try:

@@ -58,8 +58,16 @@ def resolve_nproc(value: int | str | None, key: str) -> int:
     return n
 
 
-def world_of(train, nproc: int) -> int:
-    return nproc * train.nnodes
+def launch_dir_of(out_dir: str | Path, train) -> Path:
+    """Where one node's launch keeps its config, logs and errors (per node: nodes may share out_dir)."""
+    return Path(out_dir) / (".launch" if train.nnodes == 1 else f".launch-node{train.node_rank}")
+
+
+def nproc_of(engine: str, config) -> int:
+    """Ranks per node for `engine`: finetune.nproc_per_node for fine-tuning when set, else train.nproc_per_node."""
+    if engine == "finetune" and config.finetune.nproc_per_node is not None:
+        return resolve_nproc(config.finetune.nproc_per_node, "finetune.nproc_per_node")
+    return resolve_nproc(config.train.nproc_per_node, "train.nproc_per_node")
 
 
 def _torchrun_args(nproc: int, train) -> list[str]:
@@ -74,7 +82,7 @@ def _torchrun_args(nproc: int, train) -> list[str]:
                    "--master_addr", host, "--master_port", port]
 
 
-class _Follower(threading.Thread):
+class MetricsFollower(threading.Thread):
     """Calls `callbacks` with each new complete row of a growing metrics.jsonl (a resume may cut it back)."""
 
     def __init__(self, path: Path, callbacks: Sequence[Callback], poll: float = 0.5):
@@ -166,7 +174,7 @@ def launch(engine: str, config, args: Sequence[str], out_dir: str | Path, nproc:
     `out_dir` is the engine's output folder (it gets `.launch/` with the config, logs and errors);
     `callbacks` receive each metrics row as it is written. Raises GptcoreError when a rank fails."""
     out_dir = Path(out_dir)
-    launch_dir = out_dir / ".launch"
+    launch_dir = launch_dir_of(out_dir, config.train)
     launch_dir.mkdir(parents=True, exist_ok=True)
     for stale in launch_dir.glob("error-rank*.json"):
         stale.unlink()
@@ -177,7 +185,7 @@ def launch(engine: str, config, args: Sequence[str], out_dir: str | Path, nproc:
            "-m", "gptcore.training.worker", engine, str(cfg_file), *map(str, args), str(summary_file)]
     env = dict(os.environ, GPTCORE_PROGRESS="0", TORCH_DISTRIBUTED_DEBUG=os.environ.get("TORCH_DISTRIBUTED_DEBUG", "OFF"))
     env.setdefault("OMP_NUM_THREADS", str(config.train.num_threads or max(1, (os.cpu_count() or 1) // nproc)))
-    follower = _Follower(out_dir / "metrics.jsonl", callbacks)
+    follower = MetricsFollower(out_dir / "metrics.jsonl", callbacks)
     follower.start()
     with open(log_file, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -210,10 +218,7 @@ def run_engine(engine: str, config, args: Sequence[str], out_dir: str | Path, ca
     `engine` is "pretrain" (args: data_dir) or "finetune" (args: base_dir). The number of ranks is
     `train.nproc_per_node` (`finetune.nproc_per_node` for fine-tuning) × `train.nnodes`. Inside a
     process torchrun already started (LOCAL_RANK set), the engine runs here: no nested launch."""
-    value, key = config.train.nproc_per_node, "train.nproc_per_node"
-    if engine == "finetune" and config.finetune.nproc_per_node is not None:
-        value, key = config.finetune.nproc_per_node, "finetune.nproc_per_node"
-    nproc = resolve_nproc(value, key)
+    nproc = nproc_of(engine, config)
     if nproc * config.train.nnodes == 1 or "LOCAL_RANK" in os.environ:
         if engine == "pretrain":
             from gptcore.training.pretrain import pretrain

@@ -35,7 +35,7 @@ from gptcore.training.engine import train_step  # noqa: F401  (re-export: `from 
 READS = Reads(
     keys=("run.seed", "model", "train"),
     cadence=("train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_last", "train.progress",
-             "train.max_bad_steps", "train.node_rank", "train.rdzv_endpoint"),
+             "train.max_bad_steps", "train.node_rank", "train.rdzv_endpoint", "train.node_deployment"),
     extend=("train.max_steps",),
     report=("train.eval_batches",),
 )
