@@ -334,9 +334,14 @@ def run_cmd(
 ) -> None:
     """Run the pipeline as Prefect flows tracked in MLflow: download -> tokenizer -> shards -> pretrain
     -> evaluate -> finetune -> register. Stages whose inputs did not change are cache hits."""
-    _load_config(config, overrides)  # a bad config is one error line, before Prefect starts
+    from gptcore.training.plan import check_config
+
+    check_config(_load_config(config, overrides))  # a bad config is one error line, before Prefect starts
     if base is not None and not base.is_dir():
         fail("base model folder not found", str(base), "pass a folder written by pretrain or `gptcore convert from-hf`")
+    if base is not None and until not in ("finetune", "register"):
+        fail(f"--until {until} never happens with --base (only finetune and register run)", "--until",
+             "use --until finetune or register, or drop --base")
     from flows.pipeline import run_pipeline
     from flows.runner import check_until, format_report
 

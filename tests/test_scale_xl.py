@@ -61,6 +61,7 @@ def _py(code: str, *args, cwd: Path, timeout: int = 3600) -> subprocess.Complete
                           text=True, timeout=timeout)
 
 
+@pytest.mark.timeout(5400)
 def test_gpt2_xl_lora_two_steps_on_cpu_agree_with_the_plan(tmp_path):
     from gptcore.config import load_config
     from gptcore.training.plan import plan_finetune
@@ -87,6 +88,7 @@ train: {batch_size: 2, eval_every: 3, eval_batches: 1, num_threads: 1, ckpt_ever
 """
 
 
+@pytest.mark.timeout(3600)
 def test_xl_shaped_fsdp2_on_two_ranks_resumes_bit_exact_after_a_killed_rank(tmp_path):
     from gptcore.config import load_config
     from gptcore.data.sharding import prepare

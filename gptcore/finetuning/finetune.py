@@ -53,6 +53,7 @@ READS = Reads(
              "train.max_bad_steps", "train.node_rank", "train.rdzv_endpoint", "train.node_deployment"),
     extend=("finetune.max_steps",),
     report=("finetune.eval_batches", "finetune.num_samples", "eval.sample_tokens"),
+    files=("finetune.dataset",),
 )
 
 

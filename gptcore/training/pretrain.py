@@ -121,7 +121,7 @@ def pretrain(config, data_dir: str | Path, out_dir: str | Path, callbacks: Seque
                 block.compile()
         optimizer = build_optimizer(raw, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), device_type=device.type)
         loader = ShardLoader(data_dir, "train", t.batch_size, T, rank=info.rank, world_size=info.world_size,
-                             seed=config.run.seed, tokenizer=tokenizer)  # checks the shards came from this tokenizer
+                             seed=config.run.seed, tokenizer=tokenizer, vocab_size=vocab)  # shards verified, ids < vocab
         peak = peak_flops(device)
 
         def next_batch(_i: int):
