@@ -112,24 +112,22 @@ def hf_split_pattern(pattern: str) -> str:
     return "".join(out)
 
 
-def _hf_pre_tokenizer(hf_pattern: str):
+def _hf_split(hf_pattern: str):
+    """tokenizers' Split pre-tokenizer (Oniguruma) on `hf_pattern`; a pattern it cannot compile is a ConfigError."""
     from tokenizers import Regex, pre_tokenizers
 
     try:
-        split = pre_tokenizers.Split(Regex(hf_pattern), behavior="isolated")
+        return pre_tokenizers.Split(Regex(hf_pattern), behavior="isolated")
     except Exception as exc:  # Oniguruma refuses the syntax
         raise ConfigError(f"Hugging Face tokenizers cannot compile the split pattern ({exc})", "tokenizer.pattern",
                           "use gpt2, gpt4 or a regex without engine-specific syntax") from None
-    return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
 def check_split(pattern: str, hf_pattern: str, text: str = PROBE) -> None:
     """Raise ConfigError unless Oniguruma splits `text` with `hf_pattern` exactly as `regex` splits
     it with `pattern` (our encoder drops text no alternative matches; HF would keep it)."""
-    from tokenizers import Regex, pre_tokenizers
-
     ours = regex.findall(pattern, text)
-    theirs = [s for s, _ in pre_tokenizers.Split(Regex(hf_pattern), behavior="isolated").pre_tokenize_str(text)]
+    theirs = [s for s, _ in _hf_split(hf_pattern).pre_tokenize_str(text)]
     if ours != theirs:
         k = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
         a = ours[k] if k < len(ours) else None
@@ -150,7 +148,7 @@ def _spell(tokenizer) -> list[str]:
 
 def to_hf_tokenizer(tokenizer):
     """A `tokenizers.Tokenizer` that encodes every text to our ids (special tokens included)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     if not hasattr(tokenizer, "merges"):
         raise ConfigError("only our byte-level BPE tokenizers export to Hugging Face", "tokenizer",
@@ -162,7 +160,8 @@ def to_hf_tokenizer(tokenizer):
     vocab = {s: i for i, s in enumerate(spelled) if i not in special_ids}
     merges = [(spelled[a], spelled[b]) for a, b in tokenizer.merges]
     hf = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True, fuse_unk=False, byte_fallback=False))
-    hf.pre_tokenizer = _hf_pre_tokenizer(hf_pattern)
+    hf.pre_tokenizer = pre_tokenizers.Sequence([_hf_split(hf_pattern),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     hf.decoder = decoders.ByteLevel()
     # the added tokens take the ids after the merges; add them in id order so each gets its own id
     for s, i in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1]):
@@ -185,6 +184,7 @@ def hf_tokenizer_files(tokenizer, model_max_length: int) -> dict[str, str]:
         "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,  # decode must give back the exact text
         "padding_side": "right",
+        "gptcore_split_pattern": tokenizer.pattern,  # ours, before the Oniguruma rewrite: `from-hf` restores it
         "added_tokens_decoder": {str(i): {"content": s, "special": True, "normalized": False, "lstrip": False,
                                           "rstrip": False, "single_word": False}
                                  for s, i in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])},
@@ -195,14 +195,15 @@ def hf_tokenizer_files(tokenizer, model_max_length: int) -> dict[str, str]:
 # ----------------------------------------------------------------------------- and back
 
 
-def _our_pattern(hf_pattern: str) -> str:
-    """The split pattern for our encoder: ours by name when it is the translation of gpt2/gpt4,
-    else the HF pattern itself (Python's `regex` reads atomic groups and possessives too)."""
+def _our_pattern(hf_pattern: str, original: str | None = None) -> str:
+    """The split pattern for our encoder: the one tokenizer_config.json says we exported when it
+    translates to `hf_pattern`, else gpt2/gpt4 by name when `hf_pattern` is their translation, else
+    the HF pattern itself (Python's `regex` reads atomic groups and possessives too)."""
     from gptcore.tokenizer import PATTERNS
 
-    for name, pat in PATTERNS.items():
+    for pat in ([original] if original else []) + list(PATTERNS.values()):
         if hf_split_pattern(pat) == hf_pattern or pat == hf_pattern:
-            return name
+            return pat
     return hf_pattern
 
 
@@ -211,7 +212,7 @@ def from_hf_tokenizer_json(path: str | Path):
 
     The ids must be the 256 single bytes first, then one token per merge in merge order, then the
     added tokens: that is what a byte-level BPE is; anything else is a clear error."""
-    from gptcore.tokenizer import PATTERNS, BPETokenizer
+    from gptcore.tokenizer import BPETokenizer
 
     path = Path(path)
     try:
@@ -223,7 +224,12 @@ def from_hf_tokenizer_json(path: str | Path):
     fix = "only byte-level BPE tokenizers (GPT-2 style) convert"
     if model.get("type") != "BPE":
         raise CheckpointError(f"tokenizer model is {model.get('type')!r}, not BPE", str(path), fix)
-    pattern = _pattern_of(spec.get("pre_tokenizer"), str(path), PATTERNS)
+    config = path.with_name("tokenizer_config.json")
+    try:
+        original = json.loads(config.read_text(encoding="utf-8")).get("gptcore_split_pattern") if config.exists() else None
+    except (OSError, ValueError, AttributeError):
+        original = None
+    pattern = _pattern_of(spec.get("pre_tokenizer"), str(path), original)
     byte_of = unicode_to_bytes()
     try:
         as_bytes = {s: bytes(byte_of[c] for c in s) for s in model["vocab"]}
@@ -251,14 +257,16 @@ def from_hf_tokenizer_json(path: str | Path):
         raise CheckpointError(f"cannot rebuild the tokenizer: {exc}", str(path), fix) from None
 
 
-def _pattern_of(pre, where: str, patterns: dict) -> str:
+def _pattern_of(pre, where: str, original: str | None) -> str:
     """Our split pattern for a tokenizer.json pre_tokenizer: Split(regex)+ByteLevel, or GPT-2's ByteLevel."""
     steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
     split = [s for s in steps if s.get("type") == "Split"]
     if split:
         pat = split[0].get("pattern", {})
-        return _our_pattern(pat.get("Regex") or regex.escape(pat.get("String", "")))
+        return _our_pattern(pat.get("Regex") or regex.escape(pat.get("String", "")), original)
     if any(s.get("type") == "ByteLevel" and s.get("use_regex", True) for s in steps):
-        return "gpt2"  # ByteLevel's built-in regex is GPT-2's split
+        from gptcore.tokenizer import PATTERNS
+
+        return PATTERNS["gpt2"]  # ByteLevel's built-in regex is GPT-2's split
     raise CheckpointError("tokenizer.json has no split regex (pre_tokenizer Split or ByteLevel)", where,
                           "only byte-level BPE tokenizers (GPT-2 style) convert")
