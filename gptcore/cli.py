@@ -4,7 +4,7 @@
     gptcore prepare                                           (gptcore.data.sharding)
     gptcore pretrain | plan | evaluate                        (gptcore.training.pretrain, gptcore.evaluation.evaluate)
     gptcore finetune                                          (gptcore.finetuning.finetune)
-    gptcore generate | convert from-hf|to-hf                  (gptcore.model.gpt, gptcore.convert.hf)
+    gptcore generate | convert from-hf|to-hf|to-gguf          (gptcore.model.gpt, gptcore.convert)
     gptcore chat | serve                                      (gptcore.serving)
     gptcore run | deploy                                      (flows/, imported lazily)
 
@@ -176,7 +176,7 @@ def tokenizer_export_tiktoken(
 
 # === section: model, generate, convert (issue 4) =============================================
 
-convert_app = typer.Typer(help="Convert between Hugging Face GPT-2 folders and gptcore model folders.",
+convert_app = typer.Typer(help="Convert gptcore model folders to and from Hugging Face GPT-2 folders, and to GGUF.",
                           no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
 
@@ -256,6 +256,15 @@ def serve_cmd(
     from gptcore.serving.session import Session
 
     serve(Session(checkpoint, template), host, port)
+
+@convert_app.command("to-gguf")
+def convert_to_gguf(checkpoint: Path = typer.Argument(..., help="gptcore model folder."),
+                    out: Path = typer.Argument(..., help="The .gguf file to write (llama.cpp, Ollama)."),
+                    dtype: str = typer.Option("f32", "--dtype", help="f32 or f16 (matrices; norms and biases stay f32).")) -> None:
+    """gptcore model folder -> GGUF file for llama.cpp / Ollama (gpt2 architecture)."""
+    from gptcore.convert.gguf_export import checkpoint_to_gguf
+
+    print(checkpoint_to_gguf(checkpoint, out, dtype))
 
 # === section: data / prepare (issue 5) =======================================================
 
