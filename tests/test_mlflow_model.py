@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from servers import free_port, wait_until_up
 import torch
 
 torch.set_num_threads(1)
@@ -77,18 +76,12 @@ def test_same_weights_are_not_registered_twice(registry):
     assert (version, new) == ("1", False)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow  # mlflow models serve starts uvicorn and loads the model (~20-60 s on 2 busy cores)
 def test_mlflow_models_serve_answers_invocations(registry, tmp_path):
     from gptcore.serving import Session
 
     uri, folder, _, _ = registry
-    port = _free_port()
+    port = free_port()
     # as with an activated venv: the server runs `uvicorn` from PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/gptcore-finetuned@champion",
@@ -97,13 +90,7 @@ def test_mlflow_models_serve_answers_invocations(registry, tmp_path):
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(base + "/ping", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read()
-                time.sleep(0.5)
+        wait_until_up(base + "/ping", proc)
         body = {"inputs": [PROMPT], "params": {"max_new_tokens": 12}}
         req = urllib.request.Request(base + "/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"})
         out = json.loads(urllib.request.urlopen(req, timeout=120).read())

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
+from servers import free_port, wait_until_up
 import torch
 
 from gptcore.data.sft import Encoder
@@ -89,12 +88,6 @@ def test_chat_cli_template_reset_and_temperature(tuned, run_cli):
     assert f"model> {s.complete('hi', max_new_tokens=12)}\n" in r.stdout  # after /reset: no earlier turn
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _post(url, body, stream=False):
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as resp:
@@ -108,18 +101,12 @@ def _post(url, body, stream=False):
 
 @pytest.fixture
 def server(tuned):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gptcore.cli", "serve", str(tuned), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read()
-                time.sleep(0.5)
+        wait_until_up(base + "/health", proc)
         yield base
     finally:
         proc.send_signal(signal.SIGTERM)
