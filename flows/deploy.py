@@ -34,6 +34,14 @@ def _ensure_pool(client, name: str) -> bool:
         return False
 
 
+def _flow_name(deployment: dict) -> str:
+    """The Prefect flow name behind a prefect.yaml entry (its entrypoint's @flow(name=...))."""
+    import importlib
+
+    path, _, attr = deployment["entrypoint"].partition(":")
+    return getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), attr).name
+
+
 def deploy(names: list[str] | tuple[str, ...] = (), root: Path = ROOT) -> list[str]:
     """Register the deployments in `root`/prefect.yaml (all, or those in `names`); returns report lines."""
     from prefect.client.orchestration import get_client
@@ -59,8 +67,7 @@ def deploy(names: list[str] | tuple[str, ...] = (), root: Path = ROOT) -> list[s
     if r.returncode != 0:
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
         raise GptcoreError(f"prefect deploy failed: {tail[0]}", str(root / "prefect.yaml"), "fix the file or the server, then retry")
-    flow = "gptcore-pipeline"
-    lines += [f"deployment {flow}/{d['name']} -> pool {d['work_pool']['name']}" for d in chosen]
+    lines += [f"deployment {_flow_name(d)}/{d['name']} -> pool {d['work_pool']['name']}" for d in chosen]
     lines.append(f"start a worker: prefect worker start --pool {chosen[0]['work_pool']['name']}")
-    lines.append(f"trigger a run:  prefect deployment run {flow}/{chosen[0]['name']} --watch")
+    lines.append(f"trigger a run:  prefect deployment run {_flow_name(chosen[0])}/{chosen[0]['name']} --watch")
     return lines

@@ -24,9 +24,8 @@ from prefect.runtime import flow_run
 
 from gptcore.config import Config
 from gptcore.errors import GptcoreError
-from gptcore.fileio import sha256_file, sha256_tree
 from tasks import tracking
-from tasks.caching import lineage_key, run_dir, stage_key, stage_lock, store_root
+from tasks.caching import input_digests, lineage_key, run_dir, stage_key, stage_lock, store_root
 from tasks.stages import STAGES
 
 
@@ -52,9 +51,8 @@ def run_stage(ctx: dict, name: str, **inputs: Any) -> dict:
     stage = STAGES[name]
     cfg: Config = ctx["config"]
     upstream = tuple(v["sha256"] for v in inputs.values() if isinstance(v, dict) and "sha256" in v)
-    if name == "train_tokenizer" and cfg.tokenizer.path and cfg.tokenizer.path != "gpt2":  # a saved tokenizer: its bytes
-        path = Path(cfg.tokenizer.path)
-        upstream += (sha256_tree(path) if path.is_dir() else sha256_file(path),)
+    if stage.cached:  # the files its config names (a dataset, a files: glob, a tokenizer folder), by content
+        upstream += input_digests(stage.reads, cfg, ctx["store"])
     key = stage_key(name, stage.reads, cfg, upstream, stage.code) if stage.cached else "registry"
     lineage = lineage_key(name, stage.reads, cfg, upstream, stage.code) if stage.resumable else key
     c = tracking.client(ctx["uri"]) if ctx.get("uri") else None
@@ -88,7 +86,8 @@ def run_stage(ctx: dict, name: str, **inputs: Any) -> dict:
     seconds = time.perf_counter() - t0
     if c is not None:
         nums = _numbers(result)
-        tracking.log_metrics(c, run_id, {**nums, "seconds": seconds})
+        # the stage's figures at its last step, so a final val_loss joins the per-step series where it belongs
+        tracking.log_metrics(c, run_id, {**nums, "seconds": seconds}, step=int(nums.get("step", 0)))
         tracking.set_tags(c, run_id, {"gptcore.cached": str(cached).lower(),
                                       "gptcore.source_run_id": result.get("run_id") or ""})
         tracking.log_metrics(c, ctx["parent_run_id"], {f"{name}.{k}": v for k, v in {**nums, "seconds": seconds}.items()})

@@ -294,11 +294,12 @@ def pretrain_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: the config's run.out_dir)."),
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
-    """Pre-train on prepared shards; run it again to resume from the newest intact checkpoint."""
-    from gptcore.training.pretrain import pretrain
+    """Pre-train on prepared shards; run it again to resume from the newest intact checkpoint.
+    With train.nproc_per_node (× train.nnodes) > 1 every rank runs under torchrun."""
+    from gptcore.training.launch import run_engine
 
     cfg = _load_config(config, overrides)
-    s = pretrain(cfg, data, out or cfg.out_dir)
+    s = run_engine("pretrain", cfg, [data], out or cfg.out_dir)
     num = lambda k: "-" if s.get(k) is None else f"{s[k]:.4f}"  # noqa: E731
     print(f"step {s['step']}  train loss {num('train_loss')}  val loss {num('val_loss')}  "
           f"val bpb {num('val_bpb')}  ({s['seconds']:.0f} s)")
@@ -355,9 +356,10 @@ def finetune_cmd(
 ) -> None:
     """Fine-tune --base (LoRA or full) for instructions or classification; run again to resume."""
     cfg = _load_config(config, overrides)
-    from gptcore.finetuning.finetune import finetune, format_summary
+    from gptcore.finetuning.finetune import format_summary
+    from gptcore.training.launch import run_engine
 
-    print(format_summary(finetune(cfg, base, out or cfg.out_dir / "finetune")))
+    print(format_summary(run_engine("finetune", cfg, [base], out or cfg.out_dir / "finetune")))
 
 
 # === section: run, deploy (issue 8) ==========================================================
@@ -374,9 +376,14 @@ def run_cmd(
 ) -> None:
     """Run the pipeline as Prefect flows tracked in MLflow: download -> tokenizer -> shards -> pretrain
     -> evaluate -> finetune -> register. Stages whose inputs did not change are cache hits."""
-    _load_config(config, overrides)  # a bad config is one error line, before Prefect starts
+    from gptcore.training.plan import check_config
+
+    check_config(_load_config(config, overrides))  # a bad config is one error line, before Prefect starts
     if base is not None and not base.is_dir():
         fail("base model folder not found", str(base), "pass a folder written by pretrain or `gptcore convert from-hf`")
+    if base is not None and until not in ("finetune", "register"):
+        fail(f"--until {until} never happens with --base (only finetune and register run)", "--until",
+             "use --until finetune or register, or drop --base")
     from flows.pipeline import run_pipeline
     from flows.runner import check_until, format_report
 

@@ -129,6 +129,27 @@ class TrainSection(Section):
     fsdp: Literal["auto", "on", "off"] | bool = "auto"
     num_threads: int | None = Field(default=None, gt=0)
     progress: bool = True
+    # processes: torchrun (torch.distributed.run) starts nproc_per_node ranks on each of nnodes machines
+    nproc_per_node: int | Literal["auto"] = 1  # auto: the visible CUDA devices, else 1
+    nnodes: int = Field(default=1, gt=0)
+    node_rank: int = Field(default=0, ge=0)
+    rdzv_endpoint: str | None = None  # HOST:PORT of node 0, needed when nnodes > 1
+    node_deployment: str = "gptcore-node/gpu-node"  # the pipeline runs each node as a run of this deployment
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _positive_procs(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("must be a positive number of processes or 'auto'")
+        return v
+
+    @model_validator(mode="after")
+    def _nodes(self) -> "TrainSection":
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("train.nnodes > 1 needs train.rdzv_endpoint (HOST:PORT of node 0)")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"train.node_rank {self.node_rank} must be below train.nnodes {self.nnodes}")
+        return self
 
     @model_validator(mode="after")
     def _lr_order(self) -> "TrainSection":
@@ -173,6 +194,7 @@ class FinetuneSection(Section):
     num_samples: int = Field(default=5, ge=0)
     activation_checkpointing: bool = False
     base_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    nproc_per_node: int | Literal["auto"] | None = None  # default: train.nproc_per_node
 
 
 class TrackingSection(Section):
@@ -233,6 +255,8 @@ def _to_config_error(err: ValidationError, source: str) -> ConfigError:
     if e["type"] == "extra_forbidden":
         return ConfigError(f"unknown config key '{key}'", source, _closest(loc[-1], _allowed_keys(loc)))
     msg = e["msg"].removeprefix("Value error, ")
+    if isinstance(e.get("input"), dict):  # a rule across keys of a section: the message names them
+        return ConfigError(msg, source, "set the keys it names consistently")
     if e["type"] == "literal_error":
         return ConfigError(f"bad value {e.get('input')!r} for '{key}'", source, msg.lower())
     return ConfigError(f"bad value {e.get('input')!r} for '{key}'", source, msg)

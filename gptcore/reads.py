@@ -13,6 +13,8 @@ from it:
     cadence  how often it logs, evaluates, saves, shows progress: never changes the result
     extend   how far it trains (max_steps): a run may continue from an earlier, shorter one
     report   what it measures after training (eval batches, samples): the result, not the weights
+    files    keys naming input files (a dataset .jsonl, a `files:` glob, a tokenizer folder): the
+             pipeline keys the stage on those files' contents, never on their paths
 
 A key is "section.key", or a whole "section". A test runs each engine on a config that records
 every key it touches and checks that all of them are declared here, so a key read but left out of
@@ -33,6 +35,30 @@ class Reads:
     cadence: tuple[str, ...] = ()
     extend: tuple[str, ...] = ()
     report: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()  # keys whose value may name files (a path, a folder, files:GLOB): keyed by content
+
+    def input_files(self, config) -> list[tuple[str, list[str]]]:
+        """(key, the files it names) for each `files` key naming local files; builtin names and hf: give none."""
+        import glob
+        import os
+
+        flat = config.flat()
+        out = []
+        for key in self.files:
+            value = flat.get(key)
+            if not isinstance(value, str) or value.startswith("hf:"):
+                continue
+            if value.startswith("files:"):
+                pattern = os.path.expanduser(value.removeprefix("files:"))
+                paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            elif os.path.isdir(value):
+                paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(value) for f in fs)
+            elif os.path.isfile(value):
+                paths = [value]
+            else:
+                continue  # a builtin name ("python-docstrings", "gpt2") or a path the engine will report missing
+            out.append((key, paths))
+        return out
 
     def _read(self, config) -> dict[str, Any]:
         flat = config.flat()

@@ -37,8 +37,9 @@ from gptcore.evaluation import evaluate as ev
 from gptcore.fileio import atomic_dir, atomic_write_text, link_tree, sha256_file
 from gptcore.finetuning import finetune as ft
 from gptcore.reads import Reads
+from gptcore.training import launch
 from gptcore.training import pretrain as pt
-from tasks import tracking
+from tasks import nodes, tracking
 from tasks.caching import artifact_dir
 
 # The key is computed by the flow from content hashes; Prefect adds the task's own source.
@@ -183,15 +184,22 @@ def _model_result(summary: dict, track: dict | None, work: Path, published: Path
     return result
 
 
-def _tracked(config: Config, track: dict | None, work) -> tuple[dict, dict]:
-    """Run a training engine, `work(callbacks)`, with its per-step metrics batched into MLflow.
+def _tracked(config: Config, track: dict | None, engine: str, args: list, out: Path) -> tuple[dict, dict]:
+    """Run a training engine (in this process, or on every rank under torchrun: `launch.run_engine`)
+    with its per-step metrics batched into MLflow as they are written, and MLflow's system metrics
+    (CPU, memory, GPU) sampled beside them. Logs where it ran as params: world_size, nnodes, device, dtype.
 
     Returns its summary and the seconds spent in the engine's own work and in tracking."""
     c, run_id = _client(track)
     buf = tracking.MetricBuffer(c, run_id, every=config.tracking.log_every)
-    with _Work() as w:
-        summary = work([buf])
+    with tracking.system_metrics(track), _Work() as w:
+        if config.train.nnodes > 1:  # one deployment run per node (tasks/nodes.py)
+            summary = nodes.run_on_nodes(engine, config, args, out, callbacks=[buf])
+        else:
+            summary = launch.run_engine(engine, config, args, out, callbacks=[buf])
     buf.flush()
+    if c is not None:
+        tracking.log_params(c, run_id, {k: summary.get(k) for k in ("world_size", "nnodes", "device", "dtype")})
     return summary, {"work_seconds": w.seconds - buf.seconds, "tracking_seconds": buf.seconds}
 
 
@@ -201,7 +209,7 @@ def pretrain(config: Config, key: str, store: str, workdir: str, shards: dict, t
     """Pre-train in the lineage's stable folder: a retry, or a larger max_steps, resumes from its newest checkpoint."""
     _verified(Path(shards["dir"]) / "manifest.json", shards["sha256"], "shard manifest")
     out = _fresh(Path(workdir), fresh)
-    summary, timings = _tracked(config, track, lambda callbacks: pt.pretrain(config, shards["dir"], out, callbacks=callbacks))
+    summary, timings = _tracked(config, track, "pretrain", [shards["dir"]], out)
     return _model_result(summary, track, out, artifact_dir(store, "pretrain", key), timings)
 
 
@@ -234,7 +242,7 @@ def finetune(config: Config, key: str, store: str, workdir: str, model: dict, tr
              fresh: bool = False) -> dict:
     """LoRA (or full) fine-tuning of the pre-trained model, resumable in its lineage's stable folder."""
     out = _fresh(Path(workdir), fresh)
-    summary, timings = _tracked(config, track, lambda callbacks: ft.finetune(config, model["dir"], out, callbacks=callbacks))
+    summary, timings = _tracked(config, track, "finetune", [model["dir"]], out)
     for name in ("samples.txt", "confusion.txt", "eval.json"):
         _log_artifact(track, out / name)
     if summary.get("adapter_dir"):

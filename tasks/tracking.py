@@ -16,6 +16,8 @@ one `log_batch` call per `tracking.log_every` rows keeps tracking under a few % 
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import os
 import re
@@ -227,6 +229,26 @@ def promotion_gate(c: MlflowClient, name: str, version: str, metric: str, value:
         c.set_registered_model_alias(name, "champion", version)
     c.set_model_version_tag(name, version, "promotion", reason)
     return promoted, reason
+
+
+@contextlib.contextmanager
+def system_metrics(track: dict | None, interval: float = 5.0):
+    """MLflow's system metrics (CPU, memory, disk, network; GPU via nvidia-ml-py when an NVIDIA device
+    is present) sampled every `interval` s into the run while the block runs: the "System metrics" tab."""
+    if not track:
+        yield
+        return
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter on the console
+    monitor = SystemMetricsMonitor(track["run_id"], sampling_interval=interval, tracking_uri=track["uri"])
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 # --------------------------------------------------------------------------------------------

@@ -52,3 +52,15 @@ def test_shipped_configs_are_valid():
 
     for p in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
         load_config(p)
+
+
+def test_run_checks_the_whole_config_before_any_stage(run_cli):
+    """A model shape that cannot work, or --until a stage --base never runs, is one error line before Prefect starts."""
+    from pathlib import Path
+
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    r = run_cli("run", cfg, "--set", "model.n_embd=100", "--set", "model.n_head=3", timeout=120)
+    assert r.returncode == 2 and "n_embd must be a multiple of n_head" in r.stderr and "Traceback" not in r.stderr
+    assert "[gptcore]" not in r.stderr  # no stage ran
+    r = run_cli("run", cfg, "--base", cfg.parent, "--until", "pretrain", timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: --until pretrain never happens with --base")

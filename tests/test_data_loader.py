@@ -141,3 +141,30 @@ def test_damaged_or_incomplete_data_is_refused(tmp_path):
         ShardLoader(tmp_path, "val", 2, 16)
     with pytest.raises(DataError, match="prepare"):
         ShardLoader(Path(tmp_path) / "nowhere", "val", 2, 16)
+
+
+def test_a_flipped_byte_or_an_out_of_range_id_is_one_clear_error(tmp_path):
+    """Shards are checked against the manifest's sha256 on first open, and ids against the vocabulary."""
+    import json as _json
+
+    from gptcore.data.sharding import _VERIFIED
+    from gptcore.errors import DataError
+    from gptcore.evaluation.evaluate import split_tokens
+
+    from gptcore.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.train(["def f(x):\n    return x\n" * 200, "class A:\n    pass\n" * 200], vocab_size=300)
+    prepare_shards(["def f(x):\n    return x + 1\n" * 300] * 8, tok, tmp_path, shard_tokens=4000, val_fraction=0.3)
+    ShardLoader(tmp_path, "train", 2, 16)  # intact: fine
+    with pytest.raises(DataError, match="token id .* vocabulary has 100 ids"):
+        _VERIFIED.clear()
+        ShardLoader(tmp_path, "train", 2, 16, vocab_size=100)
+    manifest = _json.loads((tmp_path / "manifest.json").read_text())
+    val = tmp_path / manifest["splits"]["val"]["shards"][0]["file"]
+    blob = bytearray(val.read_bytes())
+    blob[-3] ^= 1  # one token changed; header and size intact
+    val.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match=r"sha256 in its manifest.*val_"):
+        split_tokens(tmp_path, "val")
+    with pytest.raises(DataError, match="sha256 in its manifest"):
+        ShardLoader(tmp_path, "val", 2, 16)

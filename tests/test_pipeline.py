@@ -279,3 +279,28 @@ def test_download_retries_flaky_io_but_not_user_errors(pipe, monkeypatch):
     with pytest.raises(DataError, match="yielded no documents"):
         run(["data.max_bytes=5000"], until="download")
     assert attempts.count("empty") == 1  # bad input is not retried
+
+
+def test_file_inputs_are_keyed_by_content_not_path(pipe, tmp_path):
+    """Editing the JSONL behind finetune.dataset, or a file a files: corpus matches, recomputes the
+    stage that reads it (and what follows); the same bytes under a new mtime stay a hit."""
+    import time
+
+    run, calls = pipe
+    (tmp_path / "corpus").mkdir()
+    doc = tmp_path / "corpus" / "a.txt"
+    doc.write_text("def f():\n    return 1\n" * 50)
+    ds = tmp_path / "mine.jsonl"
+    ds.write_text(json.dumps({"instruction": "say hi", "output": "hi"}) + "\n")
+    sets = [f"data.source=files:{tmp_path}/corpus/*.txt", f"finetune.dataset={ds}"]
+    assert status(run(sets))["finetune"] == "computed"
+    assert set(status(run(sets)).values()) == {"cached"}
+
+    os.utime(ds, (time.time() + 5, time.time() + 5))  # touched, same bytes: the digest is checked, still a hit
+    assert status(run(sets))["finetune"] == "cached"
+    ds.write_text(json.dumps({"instruction": "say hello", "output": "hello"}) + "\n")
+    st = status(run(sets))
+    assert st["finetune"] == "computed" and st["pretrain"] == "cached"
+
+    doc.write_text("def g():\n    return 2\n" * 50)
+    assert status(run(sets))["download"] == "computed"  # (the stand-in corpus it writes is the same: the rest hits)

@@ -81,3 +81,16 @@ def test_cadence_is_a_hit_extension_resumes_and_base_finetune_keys(tmp_path, gpt
     assert _statuses(same.stderr)["finetune"] == "cached"
     clipped = gptcore_run("train.grad_clip=0.5", until="finetune", base=base)  # ... but it does read grad_clip
     assert _statuses(clipped.stderr)["finetune"] == "computed"
+
+
+def test_pipeline_stages_run_on_two_ranks(tmp_path, gptcore_run):
+    """`gptcore run --set train.nproc_per_node=2`: pretrain and finetune run as 2 gloo ranks under torchrun,
+    MLflow records world_size 2, and no rank outlives the run."""
+    import psutil
+
+    r = gptcore_run("train.max_steps=4", "train.nproc_per_node=2", "train.batch_size=2", until="finetune")
+    assert _statuses(r.stderr)["pretrain"] == "computed" and _statuses(r.stderr)["finetune"] == "computed"
+    for stage in ("pretrain", "finetune"):
+        _, runs = _stage_runs(tmp_path, stage)
+        assert runs[-1].data.params["world_size"] == "2" and runs[-1].data.params["device"] == "cpu", stage
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "gptcore.training.worker" in (p.info["cmdline"] or [])]

@@ -96,7 +96,7 @@ def test_pipeline_run_is_in_mlflow_server_rest_api(tmp_path, run_cli):
         assert all(x["info"]["status"] == "FINISHED" for x in runs)
         pre = by_name["pretrain"]["info"]["run_id"]
         hist = api(base, f"/api/2.0/mlflow/metrics/get-history?run_id={pre}&metric_key=loss")["metrics"]
-        logged = [json.loads(x) for f in (tmp_path / ".gptcore/artifacts/pretrain").glob("*/metrics.jsonl")
+        logged = [json.loads(x) for f in (tmp_path / ".gptcore/runs/pretrain").glob("*/metrics.jsonl")
                   for x in f.read_text().splitlines()]
         expected = [(r["step"], r["loss"]) for r in logged if "loss" in r]  # what the engine wrote
         assert len(expected) >= 2
@@ -155,3 +155,48 @@ def test_deployment_round_trip_on_a_real_prefect_server(tmp_path):
     assert len(runs["pipeline"].data.tags["prefect.flow_run_id"]) == 36
     assert c.get_model_version_by_alias("gptcore-finetuned", "candidate") is not None
     assert (tmp_path / "store" / "artifacts" / "pretrain").is_dir()
+
+
+def test_two_nodes_through_prefect_train_what_one_node_with_two_ranks_trains(tmp_path):
+    """Multi-node: the pretrain stage fans out one `gptcore-node/gpu-node` deployment run per node; two
+    process workers (two "machines") each run torchrun for their node on loopback, one gloo rank each."""
+    from gptcore.fileio import sha256_file
+
+    port, rdzv = free_port(), free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api_url,
+               PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", GPTCORE_PROGRESS="0")
+    store = tmp_path / "store"
+    sets = [*TINY, "train.max_steps=6", f"tracking.result_store={store}"]
+    server_cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with started(server_cmd, tmp_path, env, tmp_path / "server.log") as server:
+        wait_http(api_url + "/health", timeout=180, proc=server)
+        d = subprocess.run([sys.executable, "-m", "gptcore.cli", "deploy", "--name", "gpu-node"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert d.returncode == 0, d.stderr[-3000:]
+        assert "deployment gptcore-node/gpu-node -> pool gpu" in d.stdout
+        worker = [str(BIN / "prefect"), "worker", "start", "--pool", "gpu"]
+        with started(worker, tmp_path, env, tmp_path / "worker0.log"), started(worker, tmp_path, env, tmp_path / "worker1.log"):
+            two_nodes = [*sets, "train.nnodes=2", "train.nproc_per_node=1", f"train.rdzv_endpoint=127.0.0.1:{rdzv}"]
+            r = subprocess.run([sys.executable, "-m", "gptcore.cli", "run", str(REPO / "configs/tiny.yaml"), "--until", "pretrain",
+                                *[a for s in two_nodes for a in ("--set", s)]], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=900)
+            logs = "".join((tmp_path / f"worker{i}.log").read_text()[-1500:] for i in (0, 1))
+            assert r.returncode == 0, r.stderr[-3000:] + logs
+        one_node = [*sets, "train.nproc_per_node=2"]
+        r2 = subprocess.run([sys.executable, "-m", "gptcore.cli", "run", str(REPO / "configs/tiny.yaml"), "--until", "pretrain",
+                             *[a for s in one_node for a in ("--set", s)]], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=900)
+        assert r2.returncode == 0, r2.stderr[-3000:]
+
+    models = sorted((store / "artifacts" / "pretrain").iterdir(), key=os.path.getmtime)
+    assert len(models) == 2
+    assert sha256_file(models[0] / "model.safetensors") == sha256_file(models[1] / "model.safetensors")
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = c.get_experiment_by_name("tiny")
+    pre = c.search_runs([exp.experiment_id], filter_string="tags.`gptcore.stage` = 'pretrain'", order_by=["attribute.start_time ASC"])
+    assert [(x.data.params["world_size"], x.data.params["nnodes"]) for x in pre] == [("2", "2"), ("2", "1")]
+    assert abs(pre[0].data.metrics["val_bpb"] - pre[1].data.metrics["val_bpb"]) < 1e-6

@@ -412,6 +412,30 @@ def load_manifest(data_dir: str | Path, tokenizer=None) -> dict:
     return m
 
 
+_VERIFIED: set[tuple] = set()  # (path, size, mtime_ns, sha256) of shards this process has checked
+
+
+def open_shard(data_dir: str | Path, entry: dict, vocab_size: int | None = None) -> np.memmap:
+    """One shard of a manifest, verified before its tokens are used: header, token count, the sha256 the
+    manifest recorded (once per process and file state), and every id below `vocab_size`."""
+    path = Path(data_dir) / entry["file"]
+    tokens = read_shard(path)  # header and size verified
+    if entry.get("tokens") is not None and len(tokens) != entry["tokens"]:
+        raise DataError(f"shard holds {len(tokens)} tokens, manifest says {entry['tokens']}", str(path),
+                        "run `gptcore prepare` again (or `gptcore run --refresh`)")
+    st = path.stat()
+    stamp = (str(path.resolve()), st.st_size, st.st_mtime_ns, entry.get("sha256"))
+    if stamp not in _VERIFIED:
+        if entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+            raise DataError("shard does not match the sha256 in its manifest (damaged or changed)", str(path),
+                            "run `gptcore prepare` again (or `gptcore run --refresh`)")
+        if vocab_size is not None and len(tokens) and int(tokens.max()) >= vocab_size:
+            raise DataError(f"shard holds token id {int(tokens.max())}, but the model's vocabulary has {vocab_size} ids",
+                            str(path), "use the tokenizer (and model.vocab_size) the shards were made with, or prepare them again")
+        _VERIFIED.add(stamp)
+    return tokens
+
+
 class ShardLoader:
     """Batches of (x, y) from one split: windows of block_size + 1 tokens read from memmapped shards.
 
@@ -424,7 +448,7 @@ class ShardLoader:
     """
 
     def __init__(self, data_dir, split: str, batch_size: int, block_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, tokenizer=None, sequential: bool = False):
+                 seed: int = 0, tokenizer=None, sequential: bool = False, vocab_size: int | None = None):
         self.data_dir = Path(data_dir)
         self.manifest = load_manifest(self.data_dir, tokenizer)
         if split not in self.manifest["splits"]:
@@ -434,12 +458,9 @@ class ShardLoader:
         self.split, self.B, self.T = split, batch_size, block_size
         self.rank, self.world_size, self.seed, self.sequential = rank, world_size, seed, sequential
         self.shards = []
+        vocab = vocab_size or self.manifest.get("vocab_size")
         for entry in self.manifest["splits"][split]["shards"]:
-            tokens = read_shard(self.data_dir / entry["file"])  # header and size verified
-            if len(tokens) != entry["tokens"]:
-                raise DataError(f"shard holds {len(tokens)} tokens, manifest says {entry['tokens']}", str(self.data_dir / entry["file"]),
-                                "run `gptcore prepare` again")
-            self.shards.append(tokens)
+            self.shards.append(open_shard(self.data_dir, entry, vocab))
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])  # shard k = stream[offsets[k]:offsets[k+1]]
         self.num_tokens = int(self.offsets[-1])
         self.num_windows = max(self.num_tokens - 1, 0) // block_size

@@ -28,7 +28,7 @@ from gptcore.fileio import atomic_file
 from gptcore.reads import Reads
 
 # what `download` reads (gptcore/reads.py): the source, the cap, the JSON field of the text
-READS = Reads(keys=("data.source", "data.max_bytes", "data.text_field"))
+READS = Reads(keys=("data.source", "data.max_bytes", "data.text_field"), files=("data.source",))
 
 # stdlib folders that are tests, test data or third-party code rather than library source
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}

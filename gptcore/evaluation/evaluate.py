@@ -60,25 +60,26 @@ def split_stats(data_dir: str | Path, split: str = "val") -> tuple[int, int]:
     return int(info["tokens"]), int(info["bytes"])
 
 
-def split_tokens(data_dir: str | Path, split: str = "val") -> np.ndarray:
-    """All tokens of a split, shards concatenated in manifest order (each shard verified on read)."""
-    from gptcore.data.sharding import read_shard
+def split_tokens(data_dir: str | Path, split: str = "val", vocab_size: int | None = None) -> np.ndarray:
+    """All tokens of a split, shards concatenated in manifest order (each shard verified on read:
+    header, size, the manifest's sha256, ids below `vocab_size`)."""
+    from gptcore.data.sharding import open_shard
 
     info = _split_info(read_manifest(data_dir), split)
     parts = []
     for shard in info.get("shards", []):
-        name = shard["file"] if isinstance(shard, dict) else shard
-        parts.append(np.asarray(read_shard(Path(data_dir) / name)))
+        entry = shard if isinstance(shard, dict) else {"file": shard}
+        parts.append(np.asarray(open_shard(data_dir, entry, vocab_size)))
     if not parts:
         raise DataError(f"the '{split}' split has no shards", str(Path(data_dir) / "manifest.json"), "run `gptcore prepare` again")
     return np.concatenate(parts)
 
 
 def _shards(data_dir: str | Path, split: str) -> Iterable[np.ndarray]:
-    from gptcore.data.sharding import read_shard
+    from gptcore.data.sharding import open_shard
 
     for shard in _split_info(read_manifest(data_dir), split).get("shards", []):
-        yield read_shard(Path(data_dir) / shard["file"])
+        yield open_shard(data_dir, shard)
 
 
 def unigram_bpb(data_dir: str | Path, chunk: int = 1 << 26) -> float:
@@ -122,7 +123,7 @@ def val_metrics(
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     T = block_size or model.config.block_size
-    toks = split_tokens(data_dir, "val") if tokens is None else tokens
+    toks = split_tokens(data_dir, "val", vocab_size=model.config.vocab_size) if tokens is None else tokens
     T = min(T, len(toks) - 1)  # a tiny val split still gives one window
     n_windows = min((len(toks) - 1) // T, batches * batch_size)
     starts = np.arange(n_windows) * T

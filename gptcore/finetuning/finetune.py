@@ -36,21 +36,24 @@ import torch.nn as nn
 from gptcore.data import sft as sft_data
 from gptcore.errors import CheckpointError, ConfigError, DataError
 from gptcore.fileio import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
-from gptcore.finetuning.objectives import (Trainee, classify_loss, classify_report, eval_loss, format_confusion,
-                                           format_samples, instruct_loss, instruct_samples)
+from gptcore.finetuning.objectives import (Trainee, classify_report, eval_loss, format_confusion,
+                                           format_samples, instruct_samples)
 from gptcore.model.lora import DEFAULT_TARGETS, apply_lora, merge_lora, save_adapter
 from gptcore.reads import Reads
+from gptcore.training import distributed as D
 from gptcore.training import engine
-from gptcore.training.devices import autocast, autocast_dtype, resolve_device
+from gptcore.training.devices import autocast, autocast_dtype, flag, resolve_device
 from gptcore.training.optim import build_optimizer
 
 READS = Reads(
     keys=("run.seed", "finetune", "train.grad_clip", "train.beta1", "train.beta2", "train.dtype", "train.device",
-          "train.num_threads", "train.max_bad_steps", "train.keep_last", "train.progress", "eval.sample_tokens"),
+          "train.num_threads", "train.max_bad_steps", "train.keep_last", "train.progress", "eval.sample_tokens",
+          "train.nproc_per_node", "train.nnodes", "train.node_rank", "train.rdzv_endpoint", "train.node_deployment", "train.fsdp"),
     cadence=("finetune.log_every", "finetune.eval_every", "finetune.ckpt_every", "train.keep_last", "train.progress",
-             "train.max_bad_steps"),
+             "train.max_bad_steps", "train.node_rank", "train.rdzv_endpoint", "train.node_deployment"),
     extend=("finetune.max_steps",),
     report=("finetune.eval_batches", "finetune.num_samples", "eval.sample_tokens"),
+    files=("finetune.dataset",),
 )
 
 
@@ -81,13 +84,16 @@ def _trained_weights(trainee: Trainee) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in trainee.trainable().items()}
 
 
-def _load_trained(trainee: Trainee, path: Path) -> None:
+def _load_trained(trainee: Trainee, path: Path, sharded: nn.Module | None = None) -> None:
     from safetensors.torch import load_file
 
     tensors = load_file(str(path / "trainable.safetensors"))
     own = trainee.trainable()
     if set(tensors) != set(own):
         raise CheckpointError("checkpoint tensors do not match the model being fine-tuned", str(path), "pass a new --out folder")
+    if sharded is not None:  # FSDP2: every rank loads its shard of the full tensors
+        D.load_full_model_state_dict(sharded, tensors, strict=False)
+        return
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(tensors[k])
@@ -98,19 +104,33 @@ def _load_trained(trainee: Trainee, path: Path) -> None:
 
 
 def finetune(config, base_dir: str | Path, out_dir: str | Path, callbacks: Iterable[engine.Callback] = ()) -> dict:
-    """Fine-tune the model in `base_dir` on `config.finetune.dataset`; outputs under `out_dir`. Returns a summary."""
-    from safetensors.torch import save_file
+    """Fine-tune the model in `base_dir` on `config.finetune.dataset`; outputs under `out_dir`. Returns a summary.
 
-    from gptcore.model.folder import load_model, model_sha256, save_model
-
+    Under torchrun (gptcore.training.launch) every rank runs this: the global batch is split across
+    ranks, DDP (or FSDP2 for full fine-tuning with `train.fsdp: on`) averages the gradients, and
+    rank 0 evaluates, samples and writes the outputs."""
     t_start = time.time()
-    ft, tr = config.finetune, config.train
+    tr = config.train
     callbacks = list(callbacks)
     out_dir, base_dir = Path(out_dir), Path(base_dir)
     if tr.num_threads:
         torch.set_num_threads(tr.num_threads)
     torch.manual_seed(config.run.seed)
-    device = resolve_device(tr.device)
+    device_type = "cuda" if (tr.device == "auto" and torch.cuda.is_available()) or tr.device.startswith("cuda") else "cpu"
+    info = D.init_distributed(device_type)
+    try:
+        return _finetune(config, base_dir, out_dir, callbacks, info, t_start)
+    finally:
+        D.shutdown(info)
+
+
+def _finetune(config, base_dir: Path, out_dir: Path, callbacks: list, info: D.DistInfo, t_start: float) -> dict:
+    from safetensors.torch import save_file
+
+    from gptcore.model.folder import load_model, model_sha256, save_model
+
+    ft, tr = config.finetune, config.train
+    device = resolve_device(tr.device, info.local_rank)
     if tr.dtype == "float16":
         raise ConfigError("fine-tuning runs in float32 or bfloat16 (float16 would need loss scaling)", "train.dtype",
                           "set train.dtype to bfloat16 (or auto/float32)")
@@ -151,34 +171,48 @@ def finetune(config, base_dir: str | Path, out_dir: str | Path, callbacks: Itera
     else:
         model.requires_grad_(True)
     model.gradient_checkpointing = ft.activation_checkpointing
-    trainee = Trainee(model, head.to(device) if head is not None else None).train()
+    trainee = Trainee(model, head.to(device) if head is not None else None, data.task, pad_id).train()
+    # several ranks: DDP (LoRA, or full fine-tuning that fits one device), FSDP2 for full fine-tuning with train.fsdp on
+    use_fsdp = info.enabled and ft.method == "full" and flag(tr.fsdp, False)
+    wrapped = D.wrap_model(trainee, info, device, fsdp=use_fsdp, mixed_bf16=amp_dtype is torch.bfloat16,
+                           blocks=model.transformer.h)
     optimizer = build_optimizer(trainee, lr=ft.lr, weight_decay=ft.weight_decay, betas=(tr.beta1, tr.beta2),
                                 device_type=device.type)
     n_trainable = sum(p.numel() for p in trainee.trainable().values())
     n_total = sum(p.numel() for p in trainee.parameters())
 
     # -- the engine: fine-tuning is pre-training with another loss, other batches, fewer trained numbers
-    def next_batch(i: int) -> list:
-        return [train_ex[j] for j in sft_data.batch_indices(len(train_ex), ft.batch_size, i, config.run.seed)]
-
-    def loss_fn(_trainee, batch) -> torch.Tensor:
-        if data.task == "instruct":
-            return instruct_loss(model, batch, pad_id, device)[0]
-        return classify_loss(model, head, batch, pad_id, device)[0]
+    def next_batch(i: int) -> list:  # micro-batch i of the global batch (batch_size per rank); rank r takes every W-th
+        idx = sft_data.batch_indices(len(train_ex), ft.batch_size * info.world_size, i, config.run.seed)
+        return [train_ex[j] for j in idx[info.rank::info.world_size]]
 
     def evaluate() -> dict[str, float]:
         return {"val_loss": eval_loss(trainee, val_ex, data.task, ft.batch_size, ft.eval_batches, pad_id, device, amp)}
 
+    def gather_weights() -> dict[str, torch.Tensor]:
+        if not use_fsdp:
+            return _trained_weights(trainee)
+        return {k: v for k, v in D.full_model_state_dict(wrapped).items() if k in trainee.trainable()}
+
     recipe = engine.Recipe(
-        model=trainee, optimizer=optimizer, next_batch=next_batch, evaluate=evaluate, loss_fn=loss_fn,
-        batch_tokens=lambda batch: sum(len(ex[0]) for ex in batch),
-        gather_weights=lambda: _trained_weights(trainee),
+        model=wrapped, optimizer=optimizer, next_batch=next_batch, evaluate=evaluate, loss_fn=lambda m, batch: m(batch),
+        batch_tokens=lambda batch: sum(len(ex[0]) for ex in batch), gather_weights=gather_weights,
         write_weights=lambda tmp, tensors: save_file(tensors, str(tmp / "trainable.safetensors")),
-        load_weights=lambda path: _load_trained(trainee, path), weights_file="trainable.safetensors",
-        identity={"config": READS.weights_view(config), "base": base_sha}, amp_dtype=amp_dtype,
+        load_weights=lambda path: _load_trained(trainee, path, wrapped if use_fsdp else None),
+        weights_file="trainable.safetensors",
+        identity={"config": READS.weights_view(config), "base": base_sha}, amp_dtype=amp_dtype, info=info,
     )
     progress = engine.run(recipe, loop_of(config), out_dir, callbacks, before=evaluate)
     val_before, val_after = progress.before["val_loss"], progress.last_eval["val_loss"]
+    full_sd = D.full_model_state_dict(wrapped) if use_fsdp else None  # a collective: every rank
+    if not info.is_main:  # rank 0 reports and writes the outputs
+        D.barrier(info)
+        return {"step": progress.step, "rank": info.rank, "world_size": info.world_size}
+    if full_sd is not None:  # FSDP2: the trained weights back into a plain, unsharded copy
+        model, _ = load_model(base_dir, device="cpu")
+        model.load_state_dict({k.removeprefix("model."): v for k, v in full_sd.items() if k.startswith("model.")})
+        model.to(device)
+        trainee = Trainee(model, trainee.head, data.task, pad_id)
 
     # -- evaluation after
     summary: dict[str, Any] = {
@@ -187,6 +221,7 @@ def finetune(config, base_dir: str | Path, out_dir: str | Path, callbacks: Itera
         "train_examples": len(train_ex), "val_examples": len(val_ex),
         "val_loss_before": val_before, "val_loss_after": val_after, "train_loss": progress.train_loss,
         "bad_steps": progress.bad_steps, "trainable_params": n_trainable, "total_params": n_total,
+        "world_size": info.world_size, "nnodes": tr.nnodes, "device": str(device), "dtype": str(amp_dtype or torch.float32),
     }
     held_out = data.test or data.val
     if data.task == "instruct":
@@ -224,6 +259,7 @@ def finetune(config, base_dir: str | Path, out_dir: str | Path, callbacks: Itera
     atomic_write_json(out_dir / "eval.json", {k: v for k, v in summary.items() if k != "samples"})
     atomic_write_json(out_dir / "summary.json", summary)
     engine._emit(callbacks, "end", summary)
+    D.barrier(info)
     return summary
 
 

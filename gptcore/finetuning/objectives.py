@@ -21,12 +21,20 @@ from gptcore.data import sft as sft_data
 class Trainee(nn.Module):
     """The model being fine-tuned plus, for classification, its new head: one module for the optimizer."""
 
-    def __init__(self, model: nn.Module, head: nn.Linear | None):
+    def __init__(self, model: nn.Module, head: nn.Linear | None, task: str = "instruct", pad_id: int = 0):
         super().__init__()
-        self.model, self.head = model, head
+        self.model, self.head, self.task, self.pad_id = model, head, task, pad_id
 
     def trainable(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def forward(self, batch: list) -> torch.Tensor:
+        """The task's training loss on a batch of encoded examples (a forward through the module, so
+        a DDP wrapper around it sees the call and synchronises the gradients)."""
+        device = next(self.parameters()).device
+        if self.task == "instruct":
+            return instruct_loss(self.model, batch, self.pad_id, device)[0]
+        return classify_loss(self.model, self.head, batch, self.pad_id, device)[0]
 
 
 # --------------------------------------------------------------------------------------------

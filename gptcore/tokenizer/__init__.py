@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 # what training (or loading) the tokenizer reads (gptcore/reads.py); a `path` is keyed by its bytes too
-READS = Reads(keys=("tokenizer",))
+READS = Reads(keys=("tokenizer",), files=("tokenizer.path",))
 
 
 def load_tokenizer(directory: str | Path) -> BPETokenizer | SentencePieceTokenizer:

@@ -59,15 +59,17 @@ def shutdown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device, fsdp: bool, mixed_bf16: bool = False) -> torch.nn.Module:
-    """DDP or FSDP2 around `model` (returned unchanged when not distributed)."""
+def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device, fsdp: bool, mixed_bf16: bool = False,
+               blocks=None) -> torch.nn.Module:
+    """DDP or FSDP2 around `model` (returned unchanged when not distributed). FSDP2 shards each of
+    `blocks` (default: the GPT's transformer blocks) as one unit, then the rest."""
     if not info.enabled:
         return model
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_bf16 else MixedPrecisionPolicy()
-        for block in model.transformer.h:  # one all-gather per block: the unit FSDP overlaps
+        for block in (model.transformer.h if blocks is None else blocks):  # one all-gather per block: the unit FSDP overlaps
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         return model
@@ -121,11 +123,11 @@ def full_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Opt
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_model_state_dict(model: torch.nn.Module, model_sd: dict) -> None:
-    """Load an unsharded state dict into a (possibly DDP/FSDP-wrapped) model."""
+def load_full_model_state_dict(model: torch.nn.Module, model_sd: dict, strict: bool = True) -> None:
+    """Load an unsharded state dict into a (possibly DDP/FSDP-wrapped) model (`strict=False`: a subset)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True, strict=strict))
 
 
 def load_full_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_sd: dict) -> None:

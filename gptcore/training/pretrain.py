@@ -35,7 +35,7 @@ from gptcore.training.engine import train_step  # noqa: F401  (re-export: `from 
 READS = Reads(
     keys=("run.seed", "model", "train"),
     cadence=("train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_last", "train.progress",
-             "train.max_bad_steps"),
+             "train.max_bad_steps", "train.node_rank", "train.rdzv_endpoint", "train.node_deployment"),
     extend=("train.max_steps",),
     report=("train.eval_batches",),
 )
@@ -121,16 +121,16 @@ def pretrain(config, data_dir: str | Path, out_dir: str | Path, callbacks: Seque
                 block.compile()
         optimizer = build_optimizer(raw, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), device_type=device.type)
         loader = ShardLoader(data_dir, "train", t.batch_size, T, rank=info.rank, world_size=info.world_size,
-                             seed=config.run.seed, tokenizer=tokenizer)  # checks the shards came from this tokenizer
+                             seed=config.run.seed, tokenizer=tokenizer, vocab_size=vocab)  # shards verified, ids < vocab
         peak = peak_flops(device)
 
         def next_batch(_i: int):
             x, y = loader.next_batch()
             return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
-        def evaluate() -> dict[str, float]:
-            vm = val_metrics(raw, data_dir, batch_size=t.batch_size, block_size=T, batches=t.eval_batches,
-                             amp_dtype=amp, device=device)
+        def evaluate() -> dict[str, float]:  # the same windows whatever the world size: the global batch
+            vm = val_metrics(raw, data_dir, batch_size=t.batch_size * info.world_size, block_size=T,
+                             batches=t.eval_batches, amp_dtype=amp, device=device)
             return {"val_loss": vm["val_loss"], "val_bpb": vm["val_bpb"]}
 
         def load_weights(path: Path) -> None:
@@ -163,7 +163,8 @@ def pretrain(config, data_dir: str | Path, out_dir: str | Path, callbacks: Seque
             "val_bpb": progress.last_eval.get("val_bpb"), "best_val_loss": progress.best_val_loss,
             "best_checkpoint": str(best) if best else None, "bad_steps": progress.bad_steps,
             "resumed_from_step": progress.resumed_from_step, "params": raw.num_params(),
-            "world_size": info.world_size, "device": str(device), "seconds": time.perf_counter() - t_start,
+            "world_size": info.world_size, "nnodes": t.nnodes, "device": str(device),
+            "dtype": str(amp or torch.float32), "seconds": time.perf_counter() - t_start,
         }
         engine._emit(callbacks, "end", summary)
         return summary
