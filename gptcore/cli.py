@@ -4,7 +4,8 @@
     gptcore prepare                                           (gptcore.data.sharding)
     gptcore pretrain | plan | evaluate                        (gptcore.training.pretrain, gptcore.evaluation.evaluate)
     gptcore finetune                                          (gptcore.finetuning.finetune)
-    gptcore generate | convert from-hf|to-hf                  (gptcore.model.gpt, gptcore.convert.hf)
+    gptcore generate | convert from-hf|to-hf|to-gguf          (gptcore.model.gpt, gptcore.convert)
+    gptcore chat | serve                                      (gptcore.serving)
     gptcore run | deploy                                      (flows/, imported lazily)
 
 A user error (`GptcoreError`) prints `error: <what> (<where>): <what to do>` and exits 2; Ctrl-C
@@ -175,7 +176,7 @@ def tokenizer_export_tiktoken(
 
 # === section: model, generate, convert (issue 4) =============================================
 
-convert_app = typer.Typer(help="Convert between Hugging Face GPT-2 folders and gptcore model folders.",
+convert_app = typer.Typer(help="Convert gptcore model folders to and from Hugging Face GPT-2 folders, and to GGUF.",
                           no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
 
@@ -223,6 +224,47 @@ def convert_to_hf(checkpoint: Path = typer.Argument(..., help="gptcore model fol
     from gptcore.convert.hf import checkpoint_to_hf
 
     print(checkpoint_to_hf(checkpoint, out))
+
+# === section: use the model: chat, serve (issue 13) ==========================================
+
+
+@app.command("chat")
+def chat_cmd(
+    checkpoint: Path = typer.Argument(..., help="A model folder, e.g. a fine-tuned final/ (its finetune.json names the template)."),
+    temperature: float = typer.Option(0.7, "--temperature", "-t", help="0 = greedy; change it in the chat with /temp."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
+    top_k: Optional[int] = typer.Option(200, "--top-k"),
+    template: str = typer.Option("auto", "--template", help="auto (the folder's), alpaca or none."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+) -> None:
+    """Chat with an instruction-tuned model in the terminal (/reset, /temp 0.7, Ctrl-D quits)."""
+    from gptcore.serving.chat import chat
+    from gptcore.serving.session import Session
+
+    chat(Session(checkpoint, template), temperature, max_new_tokens, top_k, seed)
+
+
+@app.command("serve")
+def serve_cmd(
+    checkpoint: Path = typer.Argument(..., help="A model folder."),
+    port: int = typer.Option(8000, "--port", "-p"),
+    host: str = typer.Option("127.0.0.1", "--host", help="0.0.0.0 to listen on every interface."),
+    template: str = typer.Option("auto", "--template", help="Chat template: auto (the folder's), alpaca or none."),
+) -> None:
+    """Serve an OpenAI-compatible API: /v1/completions and /v1/chat/completions (streaming too)."""
+    from gptcore.serving.openai_api import serve
+    from gptcore.serving.session import Session
+
+    serve(Session(checkpoint, template), host, port)
+
+@convert_app.command("to-gguf")
+def convert_to_gguf(checkpoint: Path = typer.Argument(..., help="gptcore model folder."),
+                    out: Path = typer.Argument(..., help="The .gguf file to write (llama.cpp, Ollama)."),
+                    dtype: str = typer.Option("f32", "--dtype", help="f32 or f16 (matrices; norms and biases stay f32).")) -> None:
+    """gptcore model folder -> GGUF file for llama.cpp / Ollama (gpt2 architecture)."""
+    from gptcore.convert.gguf_export import checkpoint_to_gguf
+
+    print(checkpoint_to_gguf(checkpoint, out, dtype))
 
 # === section: data / prepare (issue 5) =======================================================
 

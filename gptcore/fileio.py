@@ -48,6 +48,26 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_readable(path: str | Path) -> None:
+    """Give `path` (and, for a folder, everything under it) the modes an ordinary write would: files
+    0666 & ~umask (0644), folders 0777 & ~umask (0755). mkstemp/mkdtemp create 0600/0700 and
+    safetensors writes 0600, which would hide a model from another user or a container."""
+    mask = _umask()
+    path = Path(path)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if p.is_symlink():
+            continue
+        exec_bits = p.stat().st_mode & 0o111 if p.is_file() else 0o111
+        os.chmod(p, ((0o666 | exec_bits) if p.is_file() else 0o777) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
     """Yield a binary file open at a temporary name beside `path`; renamed to `path` when the block
@@ -65,7 +85,7 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; our outputs are ordinary readable files
+        make_readable(tmp)  # mkstemp makes 0600; our outputs are ordinary readable files
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -99,6 +119,7 @@ def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        make_readable(tmp)
         if path.exists():
             if not overwrite:
                 raise FileExistsError(path)

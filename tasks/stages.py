@@ -178,6 +178,9 @@ def _model_result(summary: dict, track: dict | None, work: Path, published: Path
         _log_artifact(track, plot)
     result = {k: v for k, v in _numbers(summary).items()}
     result.update(dir=str(final), sha256=model_sha256(final), run_id=track and track["run_id"], **extra)
+    c, run_id = _client(track)
+    if c is not None:  # the MLflow model (pyfunc) that the registry versions and `mlflow models serve` runs
+        result["model_id"] = tracking.log_pyfunc_model(c, run_id, final, tags={"model_sha256": result["sha256"]})
     return result
 
 
@@ -249,7 +252,8 @@ def finetune(config: Config, key: str, store: str, workdir: str, model: dict, tr
 
 @task(name="register")
 def register(config: Config, models: dict[str, dict], track: dict | None = None) -> dict:
-    """Register each model as a version (alias `candidate`) and run the promotion gate.
+    """Register each model's MLflow model (a pyfunc: tasks/pyfunc_model.py) as a version (alias
+    `candidate`) and run the promotion gate.
 
     `models` maps registered-model name -> (result of its stage, gate metric). Not cached: the
     registry itself is the state; a model already registered (same sha256) is reused, not duplicated.
@@ -263,9 +267,9 @@ def register(config: Config, models: dict[str, dict], track: dict | None = None)
         if not isinstance(res.get(metric), (int, float)):
             decisions.append(f"{name}: not registered (no {metric})")
             continue
-        source = _model_source(c, res, track)
+        model_id = _logged_model(c, res, track)
         value = float(res[metric])
-        version, new = tracking.register_version(c, name, source, res.get("run_id") or run_id, res["sha256"], metric, value)
+        version, new = tracking.register_version(c, name, model_id, res.get("run_id") or run_id, res["sha256"], metric, value)
         promoted, reason = tracking.promotion_gate(c, name, version, metric, value)
         out[f"{name}.version"] = int(version)
         out["new_versions"] += int(new)
@@ -277,16 +281,16 @@ def register(config: Config, models: dict[str, dict], track: dict | None = None)
     return out
 
 
-def _model_source(c, res: dict, track: dict) -> str:
-    """The artifact URI of a model folder: where its stage logged it, else log it here now."""
-    if res.get("run_id"):
+def _logged_model(c, res: dict, track: dict) -> str:
+    """The MLflow model (pyfunc) of a stage's folder: the one its stage logged, else log it here now
+    (a result cached from another tracking store, or from before models were logged)."""
+    if res.get("model_id"):
         try:
-            return c.get_run(res["run_id"]).info.artifact_uri + "/model"
+            c.get_logged_model(res["model_id"])
+            return res["model_id"]
         except Exception:
-            pass  # that run is not in this tracking store
-    sub = f"model-{res['sha256'][:12]}"
-    c.log_artifacts(track["run_id"], res["dir"], sub)
-    return c.get_run(track["run_id"]).info.artifact_uri + "/" + sub
+            pass  # that model is not in this tracking store
+    return tracking.log_pyfunc_model(c, track["run_id"], res["dir"], tags={"model_sha256": res["sha256"]})
 
 
 # --------------------------------------------------------------------------------------------

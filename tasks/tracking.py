@@ -185,8 +185,9 @@ def plot_curves(rows: list[dict], path: str | Path, title: str = "loss") -> Path
 # the model registry
 
 
-def register_version(c: MlflowClient, name: str, source: str, run_id: str, sha256: str, metric: str, value: float) -> tuple[str, bool]:
-    """A version of registered model `name` for the weights `sha256`: reused if it exists (→ False)."""
+def register_version(c: MlflowClient, name: str, model_id: str, run_id: str, sha256: str, metric: str, value: float) -> tuple[str, bool]:
+    """A version of registered model `name` for the logged model `model_id` holding the weights
+    `sha256`: reused if a version of those weights exists (→ False)."""
     try:
         c.create_registered_model(name, description="gptcore models; alias champion = best so far")
     except MlflowException:
@@ -194,7 +195,12 @@ def register_version(c: MlflowClient, name: str, source: str, run_id: str, sha25
     for mv in c.search_model_versions(f"name='{name}'"):
         if mv.tags.get("model_sha256") == sha256:
             return str(mv.version), False
-    mv = c.create_model_version(name, source=source, run_id=run_id, tags={"model_sha256": sha256, metric: repr(value)})
+    # the logged model's own artifact location as source: a "models:/<id>" source would be resolved
+    # by the store through the *global* tracking URI (MLflow 3.17), not this client's; the sqlite
+    # store does not keep model_id either, so the version carries it as a tag
+    source = c.get_logged_model(model_id).artifact_location
+    mv = c.create_model_version(name, source=source, run_id=run_id, model_id=model_id,
+                                tags={"model_sha256": sha256, "model_id": model_id, metric: repr(value)})
     return str(mv.version), True
 
 
@@ -243,3 +249,63 @@ def system_metrics(track: dict | None, interval: float = 5.0):
         yield
     finally:
         monitor.finish()
+
+
+# --------------------------------------------------------------------------------------------
+# the MLflow model (pyfunc) of a model folder
+
+
+def pyfunc_signature():
+    """Input: a column of prompts; output: a column of generated texts; params with their defaults."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    from tasks.pyfunc_model import DEFAULTS
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.string)]),  # unnamed: predict(["a prompt", ...]) as is
+        outputs=Schema([ColSpec(DataType.string)]),
+        params=ParamSchema([ParamSpec("max_new_tokens", DataType.long, DEFAULTS["max_new_tokens"]),
+                            ParamSpec("temperature", DataType.double, DEFAULTS["temperature"]),
+                            ParamSpec("top_k", DataType.long, DEFAULTS["top_k"])]))
+
+
+def pip_requirements() -> list[str]:
+    """What loading and running a model folder imports (gptcore itself travels as code)."""
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", "numpy", "regex", "safetensors"]
+
+
+def log_pyfunc_model(c: MlflowClient, run_id: str, model_dir: str | Path, name: str = "model",
+                     tags: dict | None = None) -> str:
+    """Log `model_dir` as an MLflow 3 logged model (pyfunc over gptcore's loader and generation)
+    linked to run `run_id`; returns its model_id (register it with source "models:/<model_id>").
+
+    Saved locally with `mlflow.pyfunc.save_model` (this file's neighbour tasks/pyfunc_model.py as
+    model-from-code, the folder as artifact "model", the gptcore package as code), then uploaded
+    through the client: no active run, so it is safe in Prefect's worker threads."""
+    import tempfile
+    import warnings
+
+    import mlflow.pyfunc
+    from mlflow.entities import LoggedModelStatus
+
+    import gptcore
+
+    exp_id = c.get_run(run_id).info.experiment_id
+    lm = c.create_logged_model(exp_id, name=name, source_run_id=run_id, tags=tags, model_type="gptcore")
+    try:
+        with tempfile.TemporaryDirectory(prefix="gptcore-pyfunc-") as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "add type hints" / "no input example": the signature is explicit
+            local = Path(tmp) / "model"
+            mlflow.pyfunc.save_model(local, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                                     artifacts={"model": str(model_dir)}, code_paths=[str(Path(gptcore.__file__).parent)],
+                                     signature=pyfunc_signature(), pip_requirements=pip_requirements(),
+                                     metadata={"gptcore_model_dir": str(model_dir)})
+            c.log_model_artifacts(lm.model_id, str(local))
+    except BaseException:
+        c.finalize_logged_model(lm.model_id, LoggedModelStatus.FAILED)
+        raise
+    c.finalize_logged_model(lm.model_id, LoggedModelStatus.READY)
+    return lm.model_id

@@ -60,3 +60,37 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip() == "error: bad thing (x.yaml): do this"
+
+
+def _modes(root: Path) -> dict[str, int]:
+    import stat
+
+    return {p.relative_to(root).as_posix() or ".": stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")]}
+
+
+def test_outputs_are_readable_files_and_folders_respecting_the_umask(tmp_path):
+    """mkdtemp (0700), mkstemp and safetensors (0600) do not leak into what we write: a model folder
+    is 0755 with 0644 files under umask 022, and 0750 / 0640 under umask 027."""
+    import os
+
+    import torch
+
+    from gptcore.fileio import atomic_write_text
+    from gptcore.model.folder import save_model
+    from gptcore.model.gpt import GPTConfig, build_model
+    from gptcore.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.train("hello world " * 50, vocab_size=270)
+    model = build_model(GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    torch.manual_seed(0)
+    old = os.umask(0o022)
+    try:
+        for mask, want_dir, want_file in [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)]:
+            os.umask(mask)
+            out = save_model(model, tok, tmp_path / f"m{mask:o}")
+            atomic_write_text(out / "notes.txt", "x")
+            modes = _modes(out)
+            assert {k: v for k, v in modes.items() if (out / k).is_dir()} == {".": want_dir, "tokenizer": want_dir}
+            assert set(v for k, v in modes.items() if (out / k).is_file()) == {want_file}, modes
+    finally:
+        os.umask(old)

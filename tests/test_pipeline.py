@@ -184,8 +184,8 @@ def test_promotion_gate_moves_champion_only_for_better_bpb(pipe, monkeypatch):
     # the same model again is not a new version
     run(["train.lr=0.0005"])
     assert len(c.search_model_versions("name='gptcore-pretrained'")) == 3
-    src = c.get_model_version("gptcore-pretrained", "1").source
-    assert src.endswith("/model")
+    mv = c.get_model_version("gptcore-pretrained", "1")
+    assert mv.source == c.get_logged_model(mv.tags["model_id"]).artifact_location  # a logged MLflow model
     cfg = json.loads(Path(c.download_artifacts(c.get_model_version("gptcore-pretrained", "1").run_id,
                                                "model/config.json")).read_text())
     assert cfg["lr"] == 0.001

@@ -1,7 +1,8 @@
 """Project 4 — GPT-2's weights in and out (docs/04-gpt2.md).
 
-    hf.py  Hugging Face GPT-2 folders <-> our model folders: OpenAI's Conv1D weights transposed,
-           the tokenizer as vocab.json + merges.txt
+    hf.py            Hugging Face GPT-2 folders <-> our model folders: OpenAI's Conv1D weights transposed
+    hf_tokenizer.py  our BPE as a `tokenizers` tokenizer.json (any split pattern, Oniguruma-safe) and back
+    gguf_export.py   our model folders -> GGUF for llama.cpp / Ollama (gpt2 architecture, llama-bpe split)
 """
 
 from gptcore.convert.hf import (checkpoint_from_hf, checkpoint_to_hf, check_gpt2_compatible, config_from_hf,

@@ -10,8 +10,10 @@ x @ W, while `nn.Linear` stores (out, in) and computes x @ W.T — so exactly th
 transposed on the way in and on the way out. Everything else (embeddings, LayerNorms, biases) is
 copied as is, and lm_head is wte (tied).
 
-The tokenizer half: GPT-2's `vocab.json` / `merges.txt` spell every token's bytes as printable
-unicode characters through OpenAI's byte<->unicode table (`bytes_to_unicode`, gptcore/tokenizer/formats.py).
+The tokenizer half: `tokenizer.json` (the `tokenizers` pipeline, for every split pattern:
+gptcore/convert/hf_tokenizer.py) and, for GPT-2's own split, GPT-2's `vocab.json` / `merges.txt`;
+both spell every token's bytes as printable unicode characters through OpenAI's byte<->unicode
+table (`bytes_to_unicode`, gptcore/tokenizer/formats.py).
 """
 
 from __future__ import annotations
@@ -135,15 +137,23 @@ def check_gpt2_compatible(config: GPTConfig) -> None:
 
 
 def save_hf_gpt2(model: GPT, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write a folder that `GPT2LMHeadModel.from_pretrained` loads (config.json + model.safetensors),
-    plus vocab.json/merges.txt when `tokenizer` is a GPT-2-style byte-level BPE. Atomic."""
+    """Write a folder that `AutoModelForCausalLM` / `GPT2LMHeadModel.from_pretrained` loads
+    (config.json + model.safetensors + generation_config.json). With one of our BPE `tokenizer`s it
+    also holds what `AutoTokenizer` loads: tokenizer.json (any split pattern: gptcore/convert/hf_tokenizer.py)
+    and tokenizer_config.json, plus GPT-2's vocab.json/merges.txt when the split is GPT-2's. Atomic."""
     from safetensors.torch import save_file
 
     cfg = model.config
     check_gpt2_compatible(cfg)
-    vocab = merges = None
+    files: dict[str, str] = {}
     if tokenizer is not None:
-        vocab, merges = gpt2_vocab_and_merges(tokenizer)
+        from gptcore.convert.hf_tokenizer import hf_tokenizer_files
+
+        files = hf_tokenizer_files(tokenizer, cfg.block_size)
+        if _is_gpt2_split(tokenizer):
+            vocab, merges = gpt2_vocab_and_merges(tokenizer)
+            files["vocab.json"] = json.dumps(vocab, ensure_ascii=False) + "\n"
+            files["merges.txt"] = "\n".join(["#version: 0.2"] + [f"{a} {b}" for a, b in merges]) + "\n"
     sd = {}
     for k, v in model.state_dict().items():
         if k == "lm_head.weight":
@@ -151,7 +161,7 @@ def save_hf_gpt2(model: GPT, out_dir: str | Path, tokenizer=None) -> Path:
         v = v.detach().to("cpu", torch.float32)
         sd[k] = (v.t() if k.endswith(TRANSPOSED) else v).contiguous()
     eot = getattr(tokenizer, "eot_id", None) if tokenizer is not None else None
-    eot = 50256 if eot is None and cfg.vocab_size == 50257 else eot
+    eot = 50256 if eot is None and tokenizer is None and cfg.vocab_size == 50257 else eot
     hf_config = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
@@ -159,17 +169,25 @@ def save_hf_gpt2(model: GPT, out_dir: str | Path, tokenizer=None) -> Path:
         "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
         "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True, "bos_token_id": eot, "eos_token_id": eot, "dtype": "float32",
+        "tie_word_embeddings": True, "bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot,
+        "dtype": "float32",
     }
+    # generation: stop at <|endoftext|>, pad with it, never run past the learned positions
+    generation = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "max_length": cfg.block_size}
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        if vocab is not None:
-            (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
-            lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
-            (tmp / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return out_dir
+
+
+def _is_gpt2_split(tokenizer) -> bool:
+    from gptcore.tokenizer import PATTERNS
+
+    return hasattr(tokenizer, "merges") and getattr(tokenizer, "pattern", None) == PATTERNS["gpt2"]
 
 
 # ----------------------------------------------------------------------------- tokenizer files
@@ -197,14 +215,18 @@ def gpt2_vocab_and_merges(tokenizer) -> tuple[dict[str, int], list[tuple[str, st
 
 
 def checkpoint_from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
-    """A transformers GPT-2 folder -> one of our model folders, with the GPT-2 tokenizer from the
-    folder's vocab.json/merges.txt when present, else OpenAI's GPT-2 vocabulary."""
+    """A transformers GPT-2 folder -> one of our model folders. The tokenizer comes from the
+    folder's tokenizer.json when present (any byte-level BPE, e.g. one `to-hf` wrote), else from
+    vocab.json/merges.txt, else it is OpenAI's GPT-2 vocabulary."""
     from gptcore import tokenizer as tk
+    from gptcore.convert.hf_tokenizer import from_hf_tokenizer_json
     from gptcore.model.folder import save_model
 
     folder = _hf_folder(hf_dir)
     model = load_hf_gpt2(folder)
-    if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+    if (folder / "tokenizer.json").exists():
+        tokenizer = from_hf_tokenizer_json(folder / "tokenizer.json")
+    elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
         tokenizer = tk.BPETokenizer.from_gpt2_files(folder / "vocab.json", folder / "merges.txt")
     else:
         tokenizer = tk.gpt2_tokenizer()
@@ -212,11 +234,9 @@ def checkpoint_from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def checkpoint_to_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
-    """One of our model folders -> a transformers GPT-2 folder (+ vocab files for a GPT-2-style tokenizer)."""
+    """One of our model folders -> a transformers folder that AutoTokenizer and
+    AutoModelForCausalLM load, the tokenizer included (a sentencepiece tokenizer is an error)."""
     from gptcore.model.folder import load_model
-    from gptcore.tokenizer import PATTERNS
 
     model, tokenizer = load_model(checkpoint_dir)
-    if getattr(tokenizer, "pattern", None) != PATTERNS["gpt2"] or not hasattr(tokenizer, "merges"):
-        tokenizer = None  # weights only: a non-GPT-2 tokenizer has no vocab.json/merges.txt form
     return save_hf_gpt2(model, out_dir, tokenizer)

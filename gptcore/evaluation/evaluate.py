@@ -311,6 +311,8 @@ def format_report(result: dict[str, Any]) -> str:
     for name, r in result["tasks"].items():
         if name.startswith("mc:") or name == "hellaswag":
             lines.append(f"{name:<16}acc {r['acc']:.3f}  acc_norm {r['acc_norm']:.3f}  (n={r['n']})")
+        elif name.startswith("lm-eval:"):
+            lines += _lm_eval_lines(r)
     for s in result["tasks"].get("samples", []):
         lines.append(f"sample seed={s['seed']} {s['prompt']!r}: {(s['prompt'] + s['text'])[:200]!r}")
     return "\n".join(lines)
@@ -318,3 +320,19 @@ def format_report(result: dict[str, Any]) -> str:
 
 def _fmt(v, digits: int = 4) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _lm_eval_lines(results: dict[str, dict]) -> list[str]:
+    """One line per lm-eval task: each metric ("acc,none" -> acc) with its standard error."""
+    lines = []
+    for task, metrics in results.items():
+        parts = []
+        for key, v in metrics.items():
+            metric, _, filt = key.partition(",")
+            if metric.endswith("_stderr") or not isinstance(v, (int, float)):
+                continue
+            err = metrics.get(f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")
+            label = metric if filt in ("", "none") else f"{metric}[{filt}]"
+            parts.append(f"{label} {v:.4f}" + (f" ± {err:.4f}" if isinstance(err, (int, float)) else ""))
+        lines.append(f"lm-eval {task}  " + "  ".join(parts))
+    return lines

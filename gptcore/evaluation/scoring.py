@@ -41,7 +41,8 @@ def continuation_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], b
             x = torch.zeros(len(rows), L, dtype=torch.long)
             for r, ids in enumerate(rows):
                 x[r, : len(ids)] = torch.tensor(ids)
-            logits, _ = model(x.to(device))
+            with torch.no_grad():
+                logits, _ = model(x.to(device))
             logp = F.log_softmax(logits.float(), dim=-1)  # (b, L, V)
             for r, (start, targets) in enumerate(spans):
                 tgt = torch.tensor(targets, device=device)

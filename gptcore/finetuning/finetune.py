@@ -249,6 +249,7 @@ def _finetune(config, base_dir: Path, out_dir: Path, callbacks: list, info: D.Di
     final_dir = out_dir / "final"
     with atomic_dir(final_dir) as tmp:
         save_model(model, tok, tmp)
+        atomic_write_json(tmp / "finetune.json", meta)  # how to prompt it: `gptcore chat`, serve and the MLflow model read it
         if head is not None:
             save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(tmp / "classifier.safetensors"))
             atomic_write_json(tmp / "classifier.json", {"labels": data.labels, "pooling": "last_token",

@@ -22,25 +22,41 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 100, temper
                 top_k: int | None = 200, top_p: float | None = None, seed: int | None = None,
                 stop_at_eot: bool = True) -> Iterator[str]:
     """Yield the decoded continuation of `prompt` piece by piece (one sampled token at a time)."""
-    if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k <= 0) \
-            or (top_p is not None and not 0 < top_p <= 1):
-        raise ConfigError("invalid sampling settings", "generate",
-                          "use max_new_tokens >= 0, temperature >= 0, top_k > 0, 0 < top_p <= 1")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     ids = tokenizer.encode(prompt, allowed_special="all") if prompt else []
     if not ids:  # an empty prompt starts from the end-of-text token (a fresh document)
         if tokenizer.eot_id is None:
             raise ConfigError("empty prompt and the tokenizer has no <|endoftext|>", "--prompt", "give a prompt")
         ids = [tokenizer.eot_id]
+    yield from stream_ids(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eot)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k <= 0) \
+            or (top_p is not None and not 0 < top_p <= 1):
+        raise ConfigError("invalid sampling settings", "generate",
+                          "use max_new_tokens >= 0, temperature >= 0, top_k > 0, 0 < top_p <= 1")
+
+
+def stream_ids(model, tokenizer, ids: list[int], max_new_tokens: int = 100, temperature: float = 0.8,
+               top_k: int | None = 200, top_p: float | None = None, seed: int | None = None,
+               stop_at_eot: bool = True, stats: dict | None = None) -> Iterator[str]:
+    """Yield the decoded continuation of the token ids `ids`. `stats`, when given, receives
+    "tokens" (how many were generated) and "eot" (whether <|endoftext|> ended it)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     eos = tokenizer.eot_id if stop_at_eot else None
+    stats = {} if stats is None else stats
+    stats.update(tokens=0, eot=False)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for tok in model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                      eos_id=eos, generator=generator):
         t = int(tok[0, 0])
+        stats["tokens"] += 1
         if t == eos:
+            stats["eot"] = True
             break
         piece = decoder.decode(tokenizer.decode_bytes([t]))
         if piece:
