@@ -182,6 +182,8 @@ class TrackingSection(Section):
     register_models: bool = True
     result_store: str = ".gptcore"
     log_every: int = Field(default=10, gt=0)  # batch this many metric rows per log_batch
+    gate_seeds: int = Field(default=1, gt=0)  # >1: promote only a recipe better over this many seeds...
+    gate_p: float = Field(default=0.05, gt=0.0, lt=1.0)  # ...at Welch's one-sided p below this
 
 
 class Config(Section):

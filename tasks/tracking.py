@@ -183,8 +183,12 @@ def plot_curves(rows: list[dict], path: str | Path, title: str = "loss") -> Path
 # the model registry
 
 
-def register_version(c: MlflowClient, name: str, source: str, run_id: str, sha256: str, metric: str, value: float) -> tuple[str, bool]:
-    """A version of registered model `name` for the weights `sha256`: reused if it exists (→ False)."""
+def register_version(c: MlflowClient, name: str, source: str, run_id: str, sha256: str, metric: str, value: float,
+                     recipe: str | None = None) -> tuple[str, bool]:
+    """A version of registered model `name` for the weights `sha256`: reused if it exists (→ False).
+
+    `recipe`: a hash of the config without its seed (tag `gptcore.recipe`): versions sharing it are
+    seeds of one recipe, the samples the statistical gate compares."""
     try:
         c.create_registered_model(name, description="gptcore models; alias champion = best so far")
     except MlflowException:
@@ -192,13 +196,26 @@ def register_version(c: MlflowClient, name: str, source: str, run_id: str, sha25
     for mv in c.search_model_versions(f"name='{name}'"):
         if mv.tags.get("model_sha256") == sha256:
             return str(mv.version), False
-    mv = c.create_model_version(name, source=source, run_id=run_id, tags={"model_sha256": sha256, metric: repr(value)})
+    tags = {"model_sha256": sha256, metric: repr(value), **({"gptcore.recipe": recipe} if recipe else {})}
+    mv = c.create_model_version(name, source=source, run_id=run_id, tags=tags)
     return str(mv.version), True
 
 
-def promotion_gate(c: MlflowClient, name: str, version: str, metric: str, value: float) -> tuple[bool, str]:
+def _recipe_values(c: MlflowClient, name: str, metric: str, recipe: str | None, mv=None) -> list[float]:
+    """The `metric` of every version of `name` tagged with `recipe` (or just `mv`'s, untagged)."""
+    if recipe is None:
+        return [float(mv.tags[metric])] if mv is not None and metric in mv.tags else []
+    return [float(v.tags[metric]) for v in c.search_model_versions(f"name='{name}'")
+            if v.tags.get("gptcore.recipe") == recipe and metric in v.tags]
+
+
+def promotion_gate(c: MlflowClient, name: str, version: str, metric: str, value: float, seeds: int = 1,
+                   p: float = 0.05, recipe: str | None = None) -> tuple[bool, str]:
     """Move alias `champion` to `version` only if its `metric` (lower is better) beats the champion's.
 
+    seeds = 1 (`tracking.gate_seeds`): this version's value against the champion's. seeds > 1: the
+    values of every version of the candidate's `recipe` (its seeds) against those of the champion's
+    recipe; it needs `seeds` of them, a lower mean, and Welch's one-sided p < `p` (`tracking.gate_p`).
     `candidate` always points at the newest version. Returns (promoted, reason); the reason is also
     written as tag `promotion` on the version.
     """
@@ -207,7 +224,9 @@ def promotion_gate(c: MlflowClient, name: str, version: str, metric: str, value:
         champ = c.get_model_version_by_alias(name, "champion")
     except MlflowException:
         champ = None
-    if champ is None:
+    if seeds > 1:
+        promoted, reason = _statistical_gate(c, name, version, metric, seeds, p, recipe, champ)
+    elif champ is None:
         promoted, reason = True, f"promoted: first champion ({metric}={value:.4f})"
     elif str(champ.version) == str(version):
         promoted, reason = False, f"kept: version {version} is already champion ({metric}={value:.4f})"
@@ -221,3 +240,26 @@ def promotion_gate(c: MlflowClient, name: str, version: str, metric: str, value:
         c.set_registered_model_alias(name, "champion", version)
     c.set_model_version_tag(name, version, "promotion", reason)
     return promoted, reason
+
+
+def _statistical_gate(c: MlflowClient, name: str, version: str, metric: str, seeds: int, p_max: float,
+                      recipe: str | None, champ) -> tuple[bool, str]:
+    from gptcore.evaluation.stats import mean_std, welch_p
+
+    cand = _recipe_values(c, name, metric, recipe, c.get_model_version(name, version))
+    m, s = mean_std(cand)
+    if len(cand) < seeds:
+        return False, (f"kept: candidate recipe has {len(cand)} of the {seeds} seeds the gate needs "
+                       f"(train more with --set run.seed=N)")
+    if champ is None:
+        return True, f"promoted: first champion ({metric} {m:.4f} ± {s:.4f} over {len(cand)} seeds)"
+    champ_recipe = champ.tags.get("gptcore.recipe")
+    if str(champ.version) == str(version) or (recipe is not None and champ_recipe == recipe):
+        return False, f"kept: the champion v{champ.version} is this recipe ({metric} {m:.4f} ± {s:.4f})"
+    base = _recipe_values(c, name, metric, champ_recipe, champ) or [float(champ.tags.get(metric, "inf"))]
+    bm, bs = mean_std(base)
+    pv = welch_p(cand, base, alternative="less")
+    promoted = m < bm and pv < p_max
+    verdict = "promoted" if promoted else "kept champion"
+    return promoted, (f"{verdict}: {metric} {m:.4f} ± {s:.4f} (n={len(cand)}) vs champion v{champ.version}'s "
+                      f"{bm:.4f} ± {bs:.4f} (n={len(base)}), Welch p={pv:.3g} {'<' if pv < p_max else '>='} {p_max}")

@@ -177,6 +177,30 @@ def test_samples_are_reproducible(pair):
     assert a[0]["text"] != a[1]["text"]  # different seeds, different samples
 
 
+def test_parse_rate_cuts_at_the_last_complete_line_and_dedents():
+    from gptcore.evaluation.evaluate import complete_lines, parse_rate, parses
+
+    assert complete_lines("x = 1\ny = (") == "x = 1\n" and complete_lines("def f(") == ""
+    good = {"prompt": "def ", "text": "f(x):\n    return x\n    y = (1,"}  # the cut-off last line is dropped
+    indented = {"prompt": "    ", "text": "if a:\n        b = 1\n"}  # a body taken out of a class: dedented
+    bad = {"prompt": "class ", "text": " A:\nreturn\n"}  # no indented block after the colon
+    partial = {"prompt": "import ", "text": "os"}  # no complete line at all: not counted as code
+    got = parse_rate([good, indented, bad, partial])
+    assert got == {"parse_rate": 0.5, "n": 4}
+    # the reference: Python's own compiler decides, on the exact text we cut
+    for s, want in [(good, True), (indented, True), (bad, False)]:
+        import textwrap
+
+        code = textwrap.dedent(complete_lines(s["prompt"] + s["text"]))
+        try:
+            compile(code, "<t>", "exec")
+            ok = True
+        except SyntaxError:
+            ok = False
+        assert ok is want and parses(complete_lines(s["prompt"] + s["text"])) is want
+    assert math.isnan(parse_rate([])["parse_rate"])
+
+
 def test_hellaswag_offline_is_a_clear_error():
     from gptcore.evaluation.evaluate import hellaswag_items
 
@@ -209,6 +233,8 @@ def test_evaluate_cli_writes_eval_json(data_dir, tmp_path, run_cli):
     assert "bits per byte" in r.stdout and "unigram" in r.stdout
     assert val["val_bpb"] < val["unigram_bpb"]  # the trained model beats token frequencies
     assert result["tasks"][f"mc:{mc}"]["n"] == 1 and len(result["tasks"]["samples"]) == 3
+    assert result["tasks"]["code"]["n"] == 3 and 0 <= result["tasks"]["code"]["parse_rate"] <= 1
+    assert "parse rate" in r.stdout
     # the previous best model's numbers appear beside this one's
     prev = tmp_path / "prev.json"
     prev.write_text(json.dumps({"tasks": {"val": {"val_loss": 9.0, "val_ppl": 8103.08, "val_bpb": 7.5}}}))
