@@ -150,24 +150,21 @@ class MetricBuffer:
         self.pending = []
 
 
-def plot_curves(rows: list[dict], path: str | Path, title: str = "loss") -> Path | None:
-    """Training loss (and validation loss where present) against step, as a PNG. None if no rows."""
-    train = [(r["step"], r["loss"]) for r in rows if _finite(r.get("loss"))]
-    val = [(r["step"], r["val_loss"]) for r in rows if _finite(r.get("val_loss"))]
-    if not train and not val:
-        return None
+def _figure(size: tuple[float, float]):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if val:
-        ax.plot(*zip(*val), "o-", label="val loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    return plt.subplots(figsize=size, dpi=100)
+
+
+def _save(fig, ax, path: str | Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label, legend and grid the axes, write the PNG (its folder made), close the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
@@ -177,6 +174,33 @@ def plot_curves(rows: list[dict], path: str | Path, title: str = "loss") -> Path
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_curves(rows: list[dict], path: str | Path, title: str = "loss") -> Path | None:
+    """Training loss (and validation loss where present) against step, as a PNG. None if no rows."""
+    train = [(r["step"], r["loss"]) for r in rows if _finite(r.get("loss"))]
+    val = [(r["step"], r["val_loss"]) for r in rows if _finite(r.get("val_loss"))]
+    if not train and not val:
+        return None
+    fig, ax = _figure((6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="val loss")
+    return _save(fig, ax, path, "step", "cross-entropy (nats/token)", title)
+
+
+def plot_variant_curves(curves: dict[str, list[tuple[int, list[tuple[int, float]]]]], path: str | Path,
+                        ylabel: str) -> Path | None:
+    """One colour per variant, one line per seed: {variant: [(seed, [(step, value), ...]), ...]} as a PNG."""
+    if not any(points for runs in curves.values() for _, points in runs):
+        return None
+    fig, ax = _figure((7, 4.5))
+    for i, (variant, runs) in enumerate(curves.items()):
+        for j, (_seed, points) in enumerate(runs):
+            if points:
+                ax.plot(*zip(*points), "o-", color=f"C{i}", alpha=0.8, label=variant if j == 0 else None)
+    return _save(fig, ax, path, "step", ylabel, f"{ylabel} per variant (one line per seed)")
 
 
 # --------------------------------------------------------------------------------------------

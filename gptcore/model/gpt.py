@@ -274,17 +274,11 @@ class SwiGLU(nn.Module):
         return self.dropout(self.c_proj(F.silu(gate) * up))
 
 
-class ReLU2(nn.Module):
+class ReLU2(MLP):
     """The squared-ReLU feed-forward (So et al. 2021, "Primer"; modded-nanogpt): widen 4x, relu(h)², project back.
 
-    Same shapes as GPT-2's MLP; relu(h)² is cheaper than GELU and learned faster in Primer's search.
+    GPT-2's MLP with another nonlinearity: relu(h)² is cheaper than GELU and learned faster in Primer's search.
     """
-
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         return self.dropout(self.c_proj(F.relu(self.c_fc(x)).square()))
