@@ -109,8 +109,9 @@ class PipelineRun:
         report = run.report()
     """
 
-    def __init__(self, cfg: Config, until: str = "register", refresh: bool = False, config_path: str = ""):
-        self.until, self.rows = until, []
+    def __init__(self, cfg: Config, until: str = "register", refresh: bool = False, config_path: str = "",
+                 parent_run_id: str | None = None):
+        self.until, self.rows, self.results, self.parent = until, [], {}, parent_run_id  # parent: e.g. a sweep's run
         uri = tracking.tracking_uri(cfg) if cfg.tracking.enabled else None
         self.ctx = {"config": cfg, "store": str(store_root(cfg)), "refresh": refresh, "uri": uri,
                     "experiment": cfg.tracking.experiment or cfg.run.name, "experiment_id": None, "parent_run_id": None}
@@ -120,7 +121,7 @@ class PipelineRun:
     def __enter__(self) -> "PipelineRun":
         if self.c is not None:
             exp = tracking.experiment_id(self.c, self.ctx["experiment"])
-            run_id = tracking.start_run(self.c, exp, "pipeline", tags={
+            run_id = tracking.start_run(self.c, exp, "pipeline", parent=self.parent, tags={
                 "prefect.flow_run_id": _flow_run_id(), "gptcore.config_path": self.config_path,
                 "gptcore.until": self.until, "gptcore.refresh": str(self.ctx["refresh"]).lower()})
             tracking.log_params(self.c, run_id, self.cfg.flat())
@@ -142,6 +143,7 @@ class PipelineRun:
     def record(self, result: dict) -> dict:
         row = result.pop("_row")
         self.rows.append(row)
+        self.results[row["stage"]] = {**_numbers(result), "run_id": result.get("run_id")}
         if row["stage"] == self.until:
             raise Reached(row["stage"])
         return result
@@ -157,7 +159,7 @@ class PipelineRun:
         return etype is Reached
 
     def report(self) -> dict:
-        return {"rows": self.rows, "uri": self.ctx["uri"], "experiment": self.ctx["experiment"],
+        return {"rows": self.rows, "results": self.results, "uri": self.ctx["uri"], "experiment": self.ctx["experiment"],
                 "experiment_id": self.ctx["experiment_id"], "run_id": self.ctx["parent_run_id"],
                 "store": self.ctx["store"]}
 

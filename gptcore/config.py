@@ -113,6 +113,7 @@ class TrainSection(Section):
     schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warmup, stable at lr, decay over the last decay_fraction
     decay_fraction: float = Field(default=0.2, gt=0.0, le=1.0)
     weight_decay: float = Field(default=0.1, ge=0.0)
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: torch.optim.Muon for block matrices, AdamW for the rest
     beta1: float = Field(default=0.9, gt=0.0, lt=1.0)
     beta2: float = Field(default=0.95, gt=0.0, lt=1.0)
     grad_clip: float = Field(default=1.0, ge=0.0)  # 0 disables
@@ -204,6 +205,8 @@ class TrackingSection(Section):
     register_models: bool = True
     result_store: str = ".gptcore"
     log_every: int = Field(default=10, gt=0)  # batch this many metric rows per log_batch
+    gate_seeds: int = Field(default=1, gt=0)  # >1: promote only a recipe better over this many seeds...
+    gate_p: float = Field(default=0.05, gt=0.0, lt=1.0)  # ...at Welch's one-sided p below this
 
 
 class Config(Section):

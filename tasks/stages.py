@@ -230,6 +230,8 @@ def evaluate(config: Config, key: str, store: str, model: dict, shards: dict, tr
     result = _numbers(val)
     if "val_bpb" in val and val.get("unigram_bpb"):
         result["bpb_vs_unigram"] = val["val_bpb"] / val["unigram_bpb"]  # < 1: the model beats the baseline
+    if "code" in res["tasks"]:  # the fraction of samples that are valid Python
+        result["parse_rate"] = res["tasks"]["code"]["parse_rate"]
     for name, r in res["tasks"].items():  # multiple-choice accuracies
         if isinstance(r, dict) and "acc" in r:
             result[f"{name}.acc"] = r["acc"]
@@ -269,8 +271,10 @@ def register(config: Config, models: dict[str, dict], track: dict | None = None)
             continue
         model_id = _logged_model(c, res, track)
         value = float(res[metric])
-        version, new = tracking.register_version(c, name, model_id, res.get("run_id") or run_id, res["sha256"], metric, value)
-        promoted, reason = tracking.promotion_gate(c, name, version, metric, value)
+        version, new = tracking.register_version(c, name, model_id, res.get("run_id") or run_id, res["sha256"], metric, value,
+                                                 recipe=recipe_hash(config))
+        promoted, reason = tracking.promotion_gate(c, name, version, metric, value, seeds=config.tracking.gate_seeds,
+                                                   p=config.tracking.gate_p, recipe=recipe_hash(config))
         out[f"{name}.version"] = int(version)
         out["new_versions"] += int(new)
         decisions.append(f"{name} v{version}: {reason}")
@@ -279,6 +283,15 @@ def register(config: Config, models: dict[str, dict], track: dict | None = None)
     tracking.set_tags(c, run_id, {"promotion": text.strip()[:5000]})
     out["decisions"] = decisions
     return out
+
+
+def recipe_hash(config: Config) -> str:
+    """What makes two registered models seeds of one recipe: every key any stage's result reads, but `run.seed`."""
+    from gptcore.reads import view_hash
+
+    view = {k: v for st in STAGES.values() if st.reads for k, v in st.reads.result_view(config).items()}
+    view.pop("run.seed", None)
+    return view_hash(view)[:16]
 
 
 def _logged_model(c, res: dict, track: dict) -> str:
@@ -326,7 +339,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           summary=lambda r: f"val bpb {_f(r, 'val_bpb')}, train loss {_f(r, 'train_loss')}"
                             + (f", resumed from step {r['resumed_from_step']:.0f}" if "resumed_from_step" in r else "")),
     Stage("evaluate", evaluate, ev.READS, ("evaluation", "model", "data", "tokenizer"),
-          summary=lambda r: f"val bpb {_f(r, 'val_bpb')} vs unigram {_f(r, 'unigram_bpb')}"),
+          summary=lambda r: f"val bpb {_f(r, 'val_bpb')} vs unigram {_f(r, 'unigram_bpb')}"
+                            + (f", parse rate {_f(r, 'parse_rate', '{:.2f}')}" if "parse_rate" in r else "")),
     Stage("finetune", finetune, ft.READS, ("finetuning", "training", "model", "data", "tokenizer"), resumable=True,
           summary=lambda r: f"val loss {_f(r, 'val_loss_before')} -> {_f(r, 'val_loss_after')}"
                             + (f", acc {_f(r, 'accuracy')}" if "accuracy" in r else "")),

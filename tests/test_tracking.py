@@ -95,6 +95,52 @@ def test_promotion_gate_rules(c):
     assert math.isclose(float(c.get_model_version("m", v3).tags["val_bpb"]), 1.5)
 
 
+def _register_seeds(c, name, recipe, values, run_id):
+    """One registered version per seed of `recipe`, each gated with gate_seeds=3; the last decision."""
+    out = None
+    for v in values:
+        ver, _ = tracking.register_version(c, name, "file:///m", run_id, f"{recipe}-{v}", "val_bpb", v, recipe=recipe)
+        out = tracking.promotion_gate(c, name, ver, "val_bpb", v, seeds=3, p=0.05, recipe=recipe)
+    return out
+
+
+def test_statistical_gate_refuses_noise_and_accepts_a_clear_win(c):
+    """gate_seeds=3: a recipe moves the champion only if its mean is lower at Welch p < gate_p."""
+    run_id = tracking.start_run(c, tracking.experiment_id(c, "stat-gate"), "r")
+    promoted, why = _register_seeds(c, "s", "base", [1.80], run_id)
+    assert not promoted and "1 of the 3 seeds" in why  # too few seeds: not even a first champion
+    promoted, why = _register_seeds(c, "s", "base", [1.82, 1.78], run_id)
+    assert promoted and "first champion" in why and "over 3 seeds" in why
+    champion = str(c.get_model_version_by_alias("s", "champion").version)
+
+    # better mean (1.79 < 1.80) but within the seed noise (std 0.02): refused, and the reason says why
+    promoted, why = _register_seeds(c, "s", "noisy", [1.77, 1.81, 1.79], run_id)
+    assert not promoted and why.startswith("kept champion") and "Welch p=" in why and ">= 0.05" in why
+    assert str(c.get_model_version_by_alias("s", "champion").version) == champion
+    # clearly better (1.70 ± 0.005): accepted
+    promoted, why = _register_seeds(c, "s", "clear", [1.700, 1.705, 1.695], run_id)
+    assert promoted and why.startswith("promoted") and "< 0.05" in why
+    winner = str(c.get_model_version_by_alias("s", "champion").version)
+    assert winner != champion and c.get_model_version("s", winner).tags["promotion"] == why
+
+
+def test_welch_p_matches_the_formula():
+    """Welch's t and Welch–Satterthwaite df written out, the tail from the t distribution's CDF."""
+    from scipy.stats import t as student_t
+
+    from gptcore.evaluation.stats import mean_std, welch_p
+
+    a, b = [1.77, 1.81, 1.79, 1.80], [1.80, 1.83, 1.78]
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    va, vb = sa ** 2 / len(a), sb ** 2 / len(b)
+    t = (ma - mb) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    assert welch_p(a, b) == pytest.approx(2 * student_t.sf(abs(t), df))
+    assert welch_p(a, b, "less") == pytest.approx(student_t.cdf(t, df))
+    assert mean_std([1.0, 3.0]) == (2.0, math.sqrt(2.0))
+    assert math.isnan(welch_p([1.0], [2.0, 3.0]))
+
+
 def test_log_params_accepts_more_than_one_batch(c):
     run_id = tracking.start_run(c, tracking.experiment_id(c, "p"), "r")
     params = {f"k{i}": i for i in range(250)}

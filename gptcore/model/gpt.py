@@ -45,6 +45,7 @@ class GPTConfig:
     tie_embeddings: bool = True  # lm_head.weight is wte.weight
     attn_impl: str = "sdpa"  # "sdpa" (fused kernel) | "math" (written out)
     rope_theta: float = 10000.0
+    logit_softcap: float | None = None  # logits = cap · tanh(logits / cap) (Gemma 2, modded-nanogpt); None: off
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -57,6 +58,7 @@ class GPTConfig:
             (self.pos in POSITIONS, "pos", f"choose one of {POSITIONS}"),
             (self.attn_impl in ATTN_IMPLS, "attn_impl", f"choose one of {ATTN_IMPLS}"),
             (self.pos != "rope" or (self.n_embd // self.n_head) % 2 == 0, "pos", "rope needs an even head size"),
+            (self.logit_softcap is None or self.logit_softcap > 0, "logit_softcap", "a positive cap, or null for none"),
             (min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_kv_head) > 0,
              "model", "sizes must be positive"),
         ]
@@ -272,7 +274,17 @@ class SwiGLU(nn.Module):
         return self.dropout(self.c_proj(F.silu(gate) * up))
 
 
-MLPS = {"gelu": MLP, "swiglu": SwiGLU}
+class ReLU2(MLP):
+    """The squared-ReLU feed-forward (So et al. 2021, "Primer"; modded-nanogpt): widen 4x, relu(h)², project back.
+
+    GPT-2's MLP with another nonlinearity: relu(h)² is cheaper than GELU and learned faster in Primer's search.
+    """
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.relu(self.c_fc(x)).square()))
+
+
+MLPS = {"gelu": MLP, "swiglu": SwiGLU, "relu2": ReLU2}
 
 
 # ----------------------------------------------------------------------------- block and model
@@ -379,10 +391,17 @@ class GPT(nn.Module):
             kv_cache.pos += T
         return self.transformer.ln_f(x)
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (..., V) of hidden states h (..., C); with `logit_softcap` c they are
+        squashed smoothly into (−c, c): c · tanh(z / c) ≈ z for |z| ≪ c, so no logit runs away."""
+        z = self.lm_head(h)
+        cap = self.config.logit_softcap
+        return z if cap is None else cap * torch.tanh(z / cap)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None):
         """Logits (B, T, vocab) for every position, and the mean cross-entropy against targets (B, T)
         if given (positions with target -100 are ignored), else None."""
-        logits = self.lm_head(self.hidden(idx, kv_cache))  # (B, T, V)
+        logits = self.logits(self.hidden(idx, kv_cache))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
@@ -418,7 +437,7 @@ class GPT(nn.Module):
                 else:
                     cache = None
                     h = self.hidden(seq[:, -cfg.block_size:])[:, -1]
-                logits = self.lm_head(h).float()  # (B, V)
+                logits = self.logits(h).float()  # (B, V)
                 tok = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
                 if eos_id is not None:
                     tok = torch.where(done[:, None], torch.full_like(tok, eos_id), tok)

@@ -119,7 +119,8 @@ def pretrain(config, data_dir: str | Path, out_dir: str | Path, callbacks: Seque
         if use_fsdp and flag(t.compile, True):
             for block in raw.transformer.h:
                 block.compile()
-        optimizer = build_optimizer(raw, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), device_type=device.type)
+        optimizer = build_optimizer(raw, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), device_type=device.type,
+                                    kind=t.optimizer)
         loader = ShardLoader(data_dir, "train", t.batch_size, T, rank=info.rank, world_size=info.world_size,
                              seed=config.run.seed, tokenizer=tokenizer, vocab_size=vocab)  # shards verified, ids < vocab
         peak = peak_flops(device)
