@@ -69,9 +69,9 @@ def _model_section() -> type[Section]:
 
     from pydantic import create_model
 
-    from gptcore.model.gpt import ATTN_IMPLS, MLPS, NORMS, POSITIONS, GPTConfig
+    from gptcore.model.gptconfig import ATTN_IMPLS, MLP_NAMES, NORM_NAMES, POSITIONS, GPTConfig
 
-    choices = {"norm": tuple(NORMS), "mlp": tuple(MLPS), "pos": POSITIONS, "attn_impl": ATTN_IMPLS}
+    choices = {"norm": NORM_NAMES, "mlp": MLP_NAMES, "pos": POSITIONS, "attn_impl": ATTN_IMPLS}
     hints = typing.get_type_hints(GPTConfig)
     fields: dict[str, Any] = {"preset": (str, "tiny")}
     for f in dataclasses.fields(GPTConfig):
