@@ -335,11 +335,17 @@ def run_cmd(
     _load_config(config, overrides)  # a bad config is one error line, before Prefect starts
     if base is not None and not base.is_dir():
         fail("base model folder not found", str(base), "pass a folder written by pretrain or `gptcore convert from-hf`")
-    from flows.pipeline import run_pipeline
-    from flows.runner import check_until, format_report
+    from flows.server import prefect_api
 
-    report = run_pipeline(str(config), overrides or [], check_until(until), refresh, quiet=not _DEBUG["on"],
-                          base=str(base) if base else None)
+    with prefect_api() as server_ready:  # a running Prefect server, or a temporary one starting meanwhile
+        from flows.pipeline import open_tracking, run_pipeline
+        from flows.runner import check_until, format_report
+
+        until = check_until(until)  # before anything is written
+        open_tracking(str(config), overrides or [])
+        server_ready()
+        report = run_pipeline(str(config), overrides or [], until, refresh, quiet=not _DEBUG["on"],
+                              base=str(base) if base else None)
     print(format_report(report))
 
 

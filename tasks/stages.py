@@ -33,11 +33,9 @@ from gptcore.config import Config
 from gptcore.data import sharding as shards_mod
 from gptcore.data import sources
 from gptcore.errors import CheckpointError, DataError, GptcoreError
-from gptcore.evaluation import evaluate as ev
+from gptcore import evaluation, finetuning, training  # their READS: torch-free (engines import lazily)
 from gptcore.fileio import atomic_dir, atomic_write_text, link_tree, sha256_file
-from gptcore.finetuning import finetune as ft
 from gptcore.reads import Reads
-from gptcore.training import pretrain as pt
 from tasks import tracking
 from tasks.caching import artifact_dir
 
@@ -198,6 +196,8 @@ def pretrain(config: Config, key: str, store: str, workdir: str, shards: dict, t
     """Pre-train in the lineage's stable folder: a retry, or a larger max_steps, resumes from its newest checkpoint."""
     _verified(Path(shards["dir"]) / "manifest.json", shards["sha256"], "shard manifest")
     out = _fresh(Path(workdir), fresh)
+    from gptcore.training import pretrain as pt  # torch: only when the stage really runs, never on a cache hit
+
     summary, timings = _tracked(config, track, lambda callbacks: pt.pretrain(config, shards["dir"], out, callbacks=callbacks))
     return _model_result(summary, track, out, artifact_dir(store, "pretrain", key), timings)
 
@@ -205,6 +205,8 @@ def pretrain(config: Config, key: str, store: str, workdir: str, shards: dict, t
 @task(name="evaluate", **CACHED)
 def evaluate(config: Config, key: str, store: str, model: dict, shards: dict, track: dict | None = None) -> dict:
     """Validation loss and bits per byte beside the unigram baseline, plus sample generations."""
+    from gptcore.evaluation import evaluate as ev
+
     tasks_ = list(dict.fromkeys([*config.eval.tasks, "samples"]))
     out = artifact_dir(store, "evaluate", key)
     with atomic_dir(out) as tmp, _Work() as w:
@@ -231,6 +233,8 @@ def finetune(config: Config, key: str, store: str, workdir: str, model: dict, tr
              fresh: bool = False) -> dict:
     """LoRA (or full) fine-tuning of the pre-trained model, resumable in its lineage's stable folder."""
     out = _fresh(Path(workdir), fresh)
+    from gptcore.finetuning import finetune as ft
+
     summary, timings = _tracked(config, track, lambda callbacks: ft.finetune(config, model["dir"], out, callbacks=callbacks))
     for name in ("samples.txt", "confusion.txt", "eval.json"):
         _log_artifact(track, out / name)
@@ -310,12 +314,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           summary=lambda r: f"vocab {_f(r, 'vocab_size', '{:,}')}"),
     Stage("shard", shard, shards_mod.READS, ("data", "tokenizer"), resumable=True,
           summary=lambda r: f"{_f(r, 'train_tokens', '{:,}')} train / {_f(r, 'val_tokens', '{:,}')} val tokens"),
-    Stage("pretrain", pretrain, pt.READS, ("training", "model", "data", "evaluation", "tokenizer"), resumable=True,
+    Stage("pretrain", pretrain, training.READS, ("training", "model", "data", "evaluation", "tokenizer"), resumable=True,
           summary=lambda r: f"val bpb {_f(r, 'val_bpb')}, train loss {_f(r, 'train_loss')}"
                             + (f", resumed from step {r['resumed_from_step']:.0f}" if "resumed_from_step" in r else "")),
-    Stage("evaluate", evaluate, ev.READS, ("evaluation", "model", "data", "tokenizer"),
+    Stage("evaluate", evaluate, evaluation.READS, ("evaluation", "model", "data", "tokenizer"),
           summary=lambda r: f"val bpb {_f(r, 'val_bpb')} vs unigram {_f(r, 'unigram_bpb')}"),
-    Stage("finetune", finetune, ft.READS, ("finetuning", "training", "model", "data", "tokenizer"), resumable=True,
+    Stage("finetune", finetune, finetuning.READS, ("finetuning", "training", "model", "data", "tokenizer"), resumable=True,
           summary=lambda r: f"val loss {_f(r, 'val_loss_before')} -> {_f(r, 'val_loss_after')}"
                             + (f", acc {_f(r, 'accuracy')}" if "accuracy" in r else "")),
     Stage("register", register, None,

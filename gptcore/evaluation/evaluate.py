@@ -33,7 +33,7 @@ from gptcore.evaluation.scoring import continuation_logprobs
 LN2 = math.log(2)
 
 # what `evaluate_checkpoint` reads from a config (gptcore/reads.py)
-READS = Reads(keys=("eval",))
+from gptcore.evaluation import READS  # noqa: E402,F401  (declared in the package, torch-free: a cached pipeline run never imports torch)
 
 
 # ---------------------------------------------------------------------------------------------

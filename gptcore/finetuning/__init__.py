@@ -4,3 +4,16 @@
                    only), the classification head and loss, validation loss, accuracy, samples
     finetune.py    the recipe: a base model + LoRA (or every weight) + records, on the training engine
 """
+
+from gptcore.reads import Reads
+
+# what the recipe reads (gptcore/reads.py), declared here without torch so the pipeline can key a
+# cached stage without importing the engine; finetune.py re-exports it as READS
+READS = Reads(
+    keys=("run.seed", "finetune", "train.grad_clip", "train.beta1", "train.beta2", "train.dtype", "train.device",
+          "train.num_threads", "train.max_bad_steps", "train.keep_last", "train.progress", "eval.sample_tokens"),
+    cadence=("finetune.log_every", "finetune.eval_every", "finetune.ckpt_every", "train.keep_last", "train.progress",
+             "train.max_bad_steps"),
+    extend=("finetune.max_steps",),
+    report=("finetune.eval_batches", "finetune.num_samples", "eval.sample_tokens"),
+)

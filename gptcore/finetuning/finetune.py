@@ -44,14 +44,7 @@ from gptcore.training import engine
 from gptcore.training.devices import autocast, autocast_dtype, resolve_device
 from gptcore.training.optim import build_optimizer
 
-READS = Reads(
-    keys=("run.seed", "finetune", "train.grad_clip", "train.beta1", "train.beta2", "train.dtype", "train.device",
-          "train.num_threads", "train.max_bad_steps", "train.keep_last", "train.progress", "eval.sample_tokens"),
-    cadence=("finetune.log_every", "finetune.eval_every", "finetune.ckpt_every", "train.keep_last", "train.progress",
-             "train.max_bad_steps"),
-    extend=("finetune.max_steps",),
-    report=("finetune.eval_batches", "finetune.num_samples", "eval.sample_tokens"),
-)
+from gptcore.finetuning import READS  # noqa: E402,F401  (declared in the package, torch-free: a cached pipeline run never imports torch)
 
 
 # --------------------------------------------------------------------------------------------
