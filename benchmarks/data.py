@@ -46,7 +46,7 @@ from gptcore.config import config_from_dict  # noqa: E402
 from gptcore.data.sharding import ShardLoader, iter_documents, prepare_shards  # noqa: E402
 from gptcore.data.shards import shard_header  # noqa: E402
 from gptcore.tokenizer import gpt2_tokenizer  # noqa: E402
-from _cli import cli_args  # noqa: E402  (benchmarks/ is the script's folder)
+from _cli import cli_args, summary  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def tiktoken_gpt2():
@@ -165,6 +165,7 @@ def whole_process(args, tmp: Path) -> None:
     print(f"| llm.c fineweb.py recipe (tiktoken, Pool({procs}), uint16 .bin) | {tp:.2f} s | {mb / tp:.2f} | {rp:.0f} MB |")
     print(f"\nours ÷ llm.c recipe, whole process: **{tp / to:.2f}× the throughput**; "
           f"same multiset of {len(ours):,} token ids: {same}")
+    summary("data", f"`gptcore prepare` vs llm.c fineweb.py, whole process, {mb:g} MB, {procs} workers", f"{tp / to:.2f}x throughput")
     # streaming: the same pipeline at --big-mb, memory should not grow with the corpus
     rows = []
     for size in (mb, args.big_mb):
@@ -175,6 +176,7 @@ def whole_process(args, tmp: Path) -> None:
     print("\n| prepare_shards streaming (builtin corpus repeated) | wall | MB/s | tokens | peak RSS |\n|---|---:|---:|---:|---:|")
     for size, wall, rss, n in rows:
         print(f"| {size:g} MB | {wall:.1f} s | {size / wall:.1f} | {n:,} | {rss:.0f} MB |")
+    summary("data", f"prepare_shards peak RSS at {rows[0][0]:g} MB / {rows[1][0]:g} MB", f"{rows[0][2]:.0f} / {rows[1][2]:.0f} MB")
     if not same:
         sys.exit(1)
 

@@ -102,6 +102,10 @@ def main() -> None:
         print(f"| {k} (own process) | " + " | ".join(f"{med(parts[(n, k)]):.2f} s" for n in cols) + " |")
     print("| stages (summary table total) | " + " | ".join(f"{med(stage_s[n]):.2f} s" for n in cols) + " |")
     print("| **whole `gptcore run`, wall** | " + " | ".join(f"**{med(walls[n]):.2f} s**" for n in cols) + " |")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _cli import summary
+
+    summary("pipeline", f"cached rerun of `gptcore run {config.name}`, whole process", f"{med(walls['ours']):.2f} s")
     if "before" in trees:
         print(f"\nbefore / after: {med(walls['before']) / med(walls['ours']):.2f}x faster")
     if not args.work:
