@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from gptcore.errors import DataError
-from gptcore.reads import Reads
 from gptcore.evaluation.scoring import continuation_logprobs
 
 LN2 = math.log(2)

@@ -39,7 +39,6 @@ from gptcore.fileio import atomic_dir, atomic_write_json, atomic_write_text, sha
 from gptcore.finetuning.objectives import (Trainee, classify_loss, classify_report, eval_loss, format_confusion,
                                            format_samples, instruct_loss, instruct_samples)
 from gptcore.model.lora import DEFAULT_TARGETS, apply_lora, merge_lora, save_adapter
-from gptcore.reads import Reads
 from gptcore.training import engine
 from gptcore.training.devices import autocast, autocast_dtype, resolve_device
 from gptcore.training.optim import build_optimizer

@@ -26,7 +26,6 @@ import torch
 
 from gptcore.errors import ConfigError, DataError
 from gptcore.fileio import sha256_file
-from gptcore.reads import Reads
 from gptcore.training import distributed as D
 from gptcore.training import engine
 from gptcore.training.devices import autocast_dtype, flag, resolve_device  # noqa: F401 (resolve_device: re-export)
