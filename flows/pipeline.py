@@ -65,6 +65,17 @@ def finetune_flow(ctx: dict, model: dict) -> dict:
     return run_stage(ctx, "finetune", model=model)
 
 
+def open_tracking(config_path: str, overrides: list[str] | None = None) -> None:
+    """Open the config's MLflow store ahead of the flow (the first client costs ~1 s: imports and the
+    sqlite schema check), so `gptcore run` does it while the Prefect server is still starting.
+    MLflow keeps the opened store per URI, so the clients `PipelineRun` and the stages make are free."""
+    from tasks import tracking
+
+    cfg = load_config(config_path, overrides or [])
+    if cfg.tracking.enabled:
+        tracking.client(tracking.tracking_uri(cfg))
+
+
 def run_pipeline(config_path: str, overrides: list[str] | None = None, until: str = "register",
                  refresh: bool = False, quiet: bool = True, base: str | None = None) -> dict:
     """Run `pipeline` here (a temporary Prefect server unless PREFECT_API_URL is set); the report.

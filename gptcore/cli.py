@@ -376,7 +376,7 @@ def run_cmd(
 ) -> None:
     """Run the pipeline as Prefect flows tracked in MLflow: download -> tokenizer -> shards -> pretrain
     -> evaluate -> finetune -> register. Stages whose inputs did not change are cache hits."""
-    from gptcore.training.plan import check_config
+    from gptcore.config import check_config
 
     check_config(_load_config(config, overrides))  # a bad config is one error line, before Prefect starts
     if base is not None and not base.is_dir():
@@ -384,11 +384,17 @@ def run_cmd(
     if base is not None and until not in ("finetune", "register"):
         fail(f"--until {until} never happens with --base (only finetune and register run)", "--until",
              "use --until finetune or register, or drop --base")
-    from flows.pipeline import run_pipeline
-    from flows.runner import check_until, format_report
+    from flows.server import prefect_api
 
-    report = run_pipeline(str(config), overrides or [], check_until(until), refresh, quiet=not _DEBUG["on"],
-                          base=str(base) if base else None)
+    with prefect_api() as server_ready:  # a running Prefect server, or a temporary one starting meanwhile
+        from flows.pipeline import open_tracking, run_pipeline
+        from flows.runner import check_until, format_report
+
+        until = check_until(until)  # before anything is written
+        open_tracking(str(config), overrides or [])
+        server_ready()
+        report = run_pipeline(str(config), overrides or [], until, refresh, quiet=not _DEBUG["on"],
+                              base=str(base) if base else None)
     print(format_report(report))
 
 

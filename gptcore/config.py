@@ -69,9 +69,9 @@ def _model_section() -> type[Section]:
 
     from pydantic import create_model
 
-    from gptcore.model.gpt import ATTN_IMPLS, MLPS, NORMS, POSITIONS, GPTConfig
+    from gptcore.model.gptconfig import ATTN_IMPLS, MLP_NAMES, NORM_NAMES, POSITIONS, GPTConfig
 
-    choices = {"norm": tuple(NORMS), "mlp": tuple(MLPS), "pos": POSITIONS, "attn_impl": ATTN_IMPLS}
+    choices = {"norm": NORM_NAMES, "mlp": MLP_NAMES, "pos": POSITIONS, "attn_impl": ATTN_IMPLS}
     hints = typing.get_type_hints(GPTConfig)
     fields: dict[str, Any] = {"preset": (str, "tiny")}
     for f in dataclasses.fields(GPTConfig):
@@ -325,3 +325,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def check_config(cfg: Config) -> None:
+    """Everything that can be checked before any work (no torch needed): the model shape (GPTConfig's
+    own checks — n_embd % n_head, rope's even head size, ... — with the vocabulary the tokenizer
+    section will give), train.block_size within model.block_size, the fine-tuning precision rules."""
+    from gptcore.model.gptconfig import GPTConfig
+
+    over = cfg.model.overrides()
+    over.setdefault("vocab_size", 50257 if cfg.tokenizer.path == "gpt2" else cfg.tokenizer.vocab_size)
+    gcfg = GPTConfig.preset(cfg.model.preset, **over)  # raises ConfigError naming the model.* key
+    T = cfg.train.block_size or gcfg.block_size
+    if T > gcfg.block_size:
+        raise ConfigError(f"train.block_size {T} exceeds model.block_size {gcfg.block_size}", "train.block_size",
+                          "lower it or raise model.block_size")
+    if cfg.finetune.base_dtype == "bfloat16" and cfg.finetune.method == "full":
+        raise ConfigError("full fine-tuning keeps float32 master weights", "finetune.base_dtype",
+                          "use base_dtype auto/float32 with method full, or method lora")

@@ -91,12 +91,13 @@ def log_params(c: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
         c.log_batch(run_id, params=items[i : i + 100])
 
 
-def log_metrics(c: MlflowClient, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
-    """Log the finite numbers of `metrics` (others are skipped) in one call."""
+def log_metrics(c: MlflowClient, run_id: str, metrics: dict[str, Any], step: int = 0, tags: dict | None = None) -> None:
+    """Log the finite numbers of `metrics` (others are skipped), and `tags`, in one call."""
     ts = int(time.time() * 1000)
     items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if _finite(v)]
-    if items:
-        c.log_batch(run_id, metrics=items)
+    tag_items = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    if items or tag_items:
+        c.log_batch(run_id, metrics=items, tags=tag_items)
 
 
 def set_tags(c: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:

@@ -8,7 +8,6 @@ The parallel path (cells in worker processes) runs for real in test_sweep_parall
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -35,7 +34,7 @@ def sweep_in(prefect_server, shared_mlflow, tmp_path, monkeypatch):  # noqa: F81
     return run, calls, monkeypatch
 
 
-def test_sweep_children_table_plot_shared_stages_and_rerun(sweep_in, shared_mlflow):
+def test_sweep_children_table_plot_shared_stages_and_rerun(sweep_in, shared_mlflow):  # noqa: F811
     from mlflow.tracking import MlflowClient
 
     from flows.sweep import format_table

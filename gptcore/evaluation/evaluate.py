@@ -35,13 +35,12 @@ import numpy as np
 import torch
 
 from gptcore.errors import DataError
-from gptcore.reads import Reads
 from gptcore.evaluation.scoring import continuation_logprobs
 
 LN2 = math.log(2)
 
 # what `evaluate_checkpoint` reads from a config (gptcore/reads.py)
-READS = Reads(keys=("eval",))
+from gptcore.evaluation import READS  # noqa: E402,F401  (declared in the package, torch-free: a cached pipeline run never imports torch)
 
 
 # ---------------------------------------------------------------------------------------------

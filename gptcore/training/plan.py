@@ -94,21 +94,6 @@ def model_config(config, vocab_size: int | None = None):
     return GPTConfig.preset(config.model.preset, **over)
 
 
-def check_config(config) -> None:
-    """Everything that can be checked before any work: the model shape (n_embd % n_head, rope's even
-    head size, ...: GPTConfig's own checks, with the vocabulary the tokenizer section will give),
-    train.block_size within model.block_size, and the fine-tuning precision rules."""
-    gcfg = model_config(config)  # raises ConfigError naming the model.* key
-    T = config.train.block_size or gcfg.block_size
-    if T > gcfg.block_size:
-        raise ConfigError(f"train.block_size {T} exceeds model.block_size {gcfg.block_size}", "train.block_size",
-                          "lower it or raise model.block_size")
-    ft = config.finetune
-    if ft.base_dtype == "bfloat16" and ft.method == "full":
-        raise ConfigError("full fine-tuning keeps float32 master weights", "finetune.base_dtype",
-                          "use base_dtype auto/float32 with method full, or method lora")
-
-
 def _memory(gcfg, P: int, B: int, T: int, world: int, act_bytes: int, ckpt: bool, fsdp: bool) -> dict[str, float]:
     L, C, H, V = gcfg.n_layer, gcfg.n_embd, gcfg.n_head, gcfg.vocab_size
     shard = world if fsdp else 1

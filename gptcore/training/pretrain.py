@@ -26,19 +26,12 @@ import torch
 
 from gptcore.errors import ConfigError, DataError
 from gptcore.fileio import sha256_file
-from gptcore.reads import Reads
 from gptcore.training import distributed as D
 from gptcore.training import engine
 from gptcore.training.devices import autocast_dtype, flag, resolve_device  # noqa: F401 (resolve_device: re-export)
 from gptcore.training.engine import train_step  # noqa: F401  (re-export: `from gptcore.training.pretrain import train_step`)
 
-READS = Reads(
-    keys=("run.seed", "model", "train"),
-    cadence=("train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_last", "train.progress",
-             "train.max_bad_steps", "train.node_rank", "train.rdzv_endpoint", "train.node_deployment"),
-    extend=("train.max_steps",),
-    report=("train.eval_batches",),
-)
+from gptcore.training import READS  # noqa: E402,F401  (declared in the package, torch-free: a cached pipeline run never imports torch)
 
 
 def load_data_side(data_dir: str | Path):
