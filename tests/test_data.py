@@ -536,9 +536,9 @@ def test_interrupted_prepare_resumes_with_the_same_tokenizer(tmp_path, monkeypat
     real = data_mod.iter_documents
     calls = []
 
-    def interrupt_while_sharding(section):  # 1st call: empty-source probe, 2nd: tokenizer, 3rd: shards
+    def interrupt_while_sharding(section):  # 1st call: the probed stream that feeds the shards, 2nd: tokenizer
         calls.append(1)
-        return _interrupted_after_bytes(real(section), 320_000) if len(calls) == 3 else real(section)  # mid-corpus
+        return _interrupted_after_bytes(real(section), 320_000) if len(calls) == 1 else real(section)  # mid-corpus
 
     monkeypatch.setattr(data_mod, "iter_documents", interrupt_while_sharding)
     with pytest.raises(KeyboardInterrupt):

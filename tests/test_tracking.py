@@ -76,18 +76,23 @@ def c(tmp_path_factory):
     return tracking.client(f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/m.db")
 
 
+def _logged(c, run_id: str) -> str:
+    """A (content-free) MLflow logged model of `run_id`, as a stage logs its model: what a version points at."""
+    return c.create_logged_model(c.get_run(run_id).info.experiment_id, source_run_id=run_id).model_id
+
+
 def test_promotion_gate_rules(c):
     exp = tracking.experiment_id(c, "gate")
     assert tracking.experiment_id(c, "gate") == exp
     run_id = tracking.start_run(c, exp, "r")
-    v1, new = tracking.register_version(c, "m", "file:///a", run_id, "sha1", "val_bpb", 2.0)
+    v1, new = tracking.register_version(c, "m", _logged(c, run_id), run_id, "sha1", "val_bpb", 2.0)
     assert new and v1 == "1"
-    assert tracking.register_version(c, "m", "file:///a", run_id, "sha1", "val_bpb", 2.0) == ("1", False)
+    assert tracking.register_version(c, "m", _logged(c, run_id), run_id, "sha1", "val_bpb", 2.0) == ("1", False)
     assert tracking.promotion_gate(c, "m", v1, "val_bpb", 2.0) == (True, "promoted: first champion (val_bpb=2.0000)")
-    v2, _ = tracking.register_version(c, "m", "file:///b", run_id, "sha2", "val_bpb", 2.0)
+    v2, _ = tracking.register_version(c, "m", _logged(c, run_id), run_id, "sha2", "val_bpb", 2.0)
     promoted, why = tracking.promotion_gate(c, "m", v2, "val_bpb", 2.0)  # a tie does not promote
     assert not promoted and why == "kept champion: val_bpb 2.0000 >= champion v1's 2.0000"
-    v3, _ = tracking.register_version(c, "m", "file:///c", run_id, "sha3", "val_bpb", 1.5)
+    v3, _ = tracking.register_version(c, "m", _logged(c, run_id), run_id, "sha3", "val_bpb", 1.5)
     assert tracking.promotion_gate(c, "m", v3, "val_bpb", 1.5)[0]
     assert str(c.get_model_version_by_alias("m", "champion").version) == v3
     assert str(c.get_model_version_by_alias("m", "candidate").version) == v3
@@ -99,7 +104,7 @@ def _register_seeds(c, name, recipe, values, run_id):
     """One registered version per seed of `recipe`, each gated with gate_seeds=3; the last decision."""
     out = None
     for v in values:
-        ver, _ = tracking.register_version(c, name, "file:///m", run_id, f"{recipe}-{v}", "val_bpb", v, recipe=recipe)
+        ver, _ = tracking.register_version(c, name, _logged(c, run_id), run_id, f"{recipe}-{v}", "val_bpb", v, recipe=recipe)
         out = tracking.promotion_gate(c, name, ver, "val_bpb", v, seeds=3, p=0.05, recipe=recipe)
     return out
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -416,10 +417,9 @@ def prepare(config, out_dir: str | Path, progress: bool | None = None) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)
-    probe = iter_documents(config.data)  # fail fast (before training a tokenizer) on an empty source
-    empty = next(probe, None) is None
-    probe.close()
-    if empty:
+    docs = iter_documents(config.data)  # fail fast (before training a tokenizer) on an empty source
+    first = next(docs, None)
+    if first is None:
         raise DataError("the source yielded no documents", config.data.source,
                         "point data.source at non-empty text (or raise data.max_bytes)")
     from gptcore import tokenizer as tok_mod
@@ -437,7 +437,8 @@ def prepare(config, out_dir: str | Path, progress: bool | None = None) -> dict:
     if not same:
         tokenizer.save(tok_dir)
     d = config.data
-    return prepare_shards(iter_documents(d), tokenizer, out_dir, shard_tokens=d.shard_tokens, val_fraction=d.val_fraction,
+    docs = itertools.chain([first], docs)  # the probed stream itself: the source is opened (walked) once
+    return prepare_shards(docs, tokenizer, out_dir, shard_tokens=d.shard_tokens, val_fraction=d.val_fraction,
                           num_proc=d.num_proc, source=d.source, extra={"config_sha256": config_sha}, progress=progress,
                           total_bytes=d.max_bytes)
 
