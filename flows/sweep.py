@@ -220,7 +220,8 @@ def _log_sweep(c, run_id: str, outcomes: list[dict], table: list[dict], scratch:
     for o in outcomes:
         pre = _cell_numbers(o).get("pretrain_run_id")
         if pre:
-            hist = sorted((m.step, m.value) for m in c.get_metric_history(pre, "val_bpb"))
+            # the engine's evaluations; step 0 holds the stage's summary copy of the final value
+            hist = sorted((m.step, m.value) for m in c.get_metric_history(pre, "val_bpb") if m.step > 0)
             curves.setdefault(o["variant"], []).append((o["seed"], hist))
     png = tracking.plot_variant_curves(curves, scratch / run_id / "val_bpb.png", "val bits per byte")
     if png:
