@@ -269,7 +269,8 @@ def register(config: Config, models: dict[str, dict], track: dict | None = None)
             continue
         model_id = _logged_model(c, res, track)
         value = float(res[metric])
-        version, new = tracking.register_version(c, name, model_id, res.get("run_id") or run_id, res["sha256"], metric, value)
+        version, new = tracking.register_version(c, name, tracking.logged_model_source(c, model_id), res.get("run_id") or run_id,
+                                                 res["sha256"], metric, value, model_id=model_id)
         promoted, reason = tracking.promotion_gate(c, name, version, metric, value)
         out[f"{name}.version"] = int(version)
         out["new_versions"] += int(new)

@@ -185,9 +185,10 @@ def plot_curves(rows: list[dict], path: str | Path, title: str = "loss") -> Path
 # the model registry
 
 
-def register_version(c: MlflowClient, name: str, model_id: str, run_id: str, sha256: str, metric: str, value: float) -> tuple[str, bool]:
-    """A version of registered model `name` for the logged model `model_id` holding the weights
-    `sha256`: reused if a version of those weights exists (→ False)."""
+def register_version(c: MlflowClient, name: str, source: str, run_id: str, sha256: str, metric: str, value: float,
+                     model_id: str | None = None) -> tuple[str, bool]:
+    """A version of registered model `name` for the weights `sha256` at `source` (the logged
+    model `model_id`'s location: `logged_model_source`): reused if a version of those weights exists (→ False)."""
     try:
         c.create_registered_model(name, description="gptcore models; alias champion = best so far")
     except MlflowException:
@@ -195,13 +196,17 @@ def register_version(c: MlflowClient, name: str, model_id: str, run_id: str, sha
     for mv in c.search_model_versions(f"name='{name}'"):
         if mv.tags.get("model_sha256") == sha256:
             return str(mv.version), False
-    # the logged model's own artifact location as source: a "models:/<id>" source would be resolved
-    # by the store through the *global* tracking URI (MLflow 3.17), not this client's; the sqlite
-    # store does not keep model_id either, so the version carries it as a tag
-    source = c.get_logged_model(model_id).artifact_location
-    mv = c.create_model_version(name, source=source, run_id=run_id, model_id=model_id,
-                                tags={"model_sha256": sha256, "model_id": model_id, metric: repr(value)})
+    tags = {"model_sha256": sha256, metric: repr(value), **({"model_id": model_id} if model_id else {})}
+    mv = c.create_model_version(name, source=source, run_id=run_id, model_id=model_id, tags=tags)
     return str(mv.version), True
+
+
+def logged_model_source(c: MlflowClient, model_id: str) -> str:
+    """Where a logged model's files are: the source a registry version of it points at. (A
+    "models:/<id>" source would be resolved by the store through the *global* tracking URI in MLflow
+    3.17, not this client's; the sqlite store does not keep a version's model_id either, so
+    `register_version` also tags it.)"""
+    return c.get_logged_model(model_id).artifact_location
 
 
 def promotion_gate(c: MlflowClient, name: str, version: str, metric: str, value: float) -> tuple[bool, str]:
