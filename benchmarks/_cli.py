@@ -11,3 +11,8 @@ def cli_args(description: str | None = None, **defaults) -> argparse.Namespace:
     for name, default in defaults.items():
         ap.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     return ap.parse_args()
+
+
+def summary(area: str, what: str, figure: str) -> None:
+    """One row of `make bench`'s closing table (benchmarks/_summary.py collects these lines)."""
+    print(f"summary: {area} | {what} | {figure}")

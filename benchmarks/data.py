@@ -15,6 +15,11 @@ a fresh copy per run so no run starts with a warm chunk cache.
     into uint16 .bin shards — run with our tokenizer (same work, different plumbing) and with
     tiktoken's GPT-2 (Rust; shows what the tokenizer itself costs)
   * loading: ShardLoader.next_batch() vs nanoGPT's get_batch (random offsets into one np.memmap)
+  * whole process, as a user runs it: `gptcore prepare` (OpenAI's GPT-2 vocabulary, --procs workers:
+    tiktoken threads on the fast path) vs llm.c's fineweb.py recipe as its own process
+    (benchmarks/_llmc_fineweb.py: tiktoken, Pool(--procs), uint16 .bin), same documents, same ids;
+    wall time and peak RSS, then `gptcore prepare`'s streaming at --big-mb MB (the builtin corpus
+    repeated end to end) for flat memory. --whole-only skips the in-process tables above.
 
 Runs alternate ours/peer in rounds and report the best, so load from other processes hits both.
 Prints a markdown table.
@@ -26,6 +31,7 @@ import multiprocessing as mp
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +46,7 @@ from gptcore.config import config_from_dict  # noqa: E402
 from gptcore.data.sharding import ShardLoader, iter_documents, prepare_shards  # noqa: E402
 from gptcore.data.shards import shard_header  # noqa: E402
 from gptcore.tokenizer import gpt2_tokenizer  # noqa: E402
-from _cli import cli_args  # noqa: E402  (benchmarks/ is the script's folder)
+from _cli import cli_args, summary  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def tiktoken_gpt2():
@@ -106,8 +112,82 @@ def best_of(rounds, fn):
     return best, out
 
 
+# --- whole process: `gptcore prepare` vs llm.c's fineweb.py, each its own process --------------
+ROOT = Path(__file__).resolve().parents[1]
+_BIG = """
+import itertools, sys
+from gptcore.data.sharding import prepare_shards
+from gptcore.data.sources import cap_bytes, python_stdlib_documents
+from gptcore.tokenizer import gpt2_tokenizer
+docs = cap_bytes(itertools.chain.from_iterable(python_stdlib_documents() for _ in itertools.count()), int(sys.argv[2]))
+m = prepare_shards(docs, gpt2_tokenizer(), sys.argv[1], shard_tokens=10**7, num_proc=int(sys.argv[3]))
+print(m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"])
+"""
+
+
+def timed_process(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS MB of the largest of the process and the workers it waited for, stdout)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GPTCORE_PROGRESS": "0"}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t = time.perf_counter()
+        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(p.pid, 0)  # this child's own rusage, not every child's so far
+        wall = time.perf_counter() - t
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        if p.returncode:
+            sys.exit(f"{' '.join(cmd)} failed:\n{err.read()[-2000:]}")
+        return wall, usage.ru_maxrss / 1024, out.read()
+
+
+def whole_process(args, tmp: Path) -> None:
+    mb, procs = args.mb, args.procs
+    cfg = tmp / "prepare.yaml"
+    cfg.write_text(f"data: {{source: python-stdlib, max_bytes: {int(mb * 1e6)}, num_proc: {procs}}}\n"
+                   "tokenizer: {path: gpt2}\n")
+    best = {"ours": (float("inf"), 0.0), "peer": (float("inf"), 0.0)}
+    cmds = {"ours": lambda out: [sys.executable, "-m", "gptcore.cli", "prepare", str(cfg), "--out", str(out)],
+            "peer": lambda out: [sys.executable, str(ROOT / "benchmarks/_llmc_fineweb.py"), str(out), str(int(mb * 1e6)), str(procs)]}
+    for r in range(args.rounds):
+        for name, cmd in cmds.items():
+            out = tmp / f"whole_{name}_{r}"
+            wall, rss, _ = timed_process(cmd(out), tmp)
+            best[name] = min(best[name], (wall, rss))
+    # same ids: our shards (train + val, in document order per split) hold exactly tiktoken's tokens
+    ours = np.concatenate([np.fromfile(p, dtype="<u2", offset=1024) for p in sorted((tmp / "whole_ours_0").glob("*.bin"))])
+    peer = np.concatenate([np.fromfile(p, dtype="<u2", offset=1024) for p in sorted((tmp / "whole_peer_0").glob("*.bin"))])
+    same = len(ours) == len(peer) and np.array_equal(np.sort(ours), np.sort(peer))
+    (to, ro), (tp, rp) = best["ours"], best["peer"]
+    print(f"\n### whole process, {mb:g} MB of python-stdlib, GPT-2 vocabulary, {procs} workers, best of {args.rounds} "
+          f"(load average {os.getloadavg()[0]:.1f})\n")
+    print("| process | wall | MB/s | peak RSS |\n|---|---:|---:|---:|")
+    print(f"| `gptcore prepare` (tiktoken fast path, {procs} threads) | {to:.2f} s | {mb / to:.2f} | {ro:.0f} MB |")
+    print(f"| llm.c fineweb.py recipe (tiktoken, Pool({procs}), uint16 .bin) | {tp:.2f} s | {mb / tp:.2f} | {rp:.0f} MB |")
+    print(f"\nours ÷ llm.c recipe, whole process: **{tp / to:.2f}× the throughput**; "
+          f"same multiset of {len(ours):,} token ids: {same}")
+    summary("data", f"`gptcore prepare` vs llm.c fineweb.py, whole process, {mb:g} MB, {procs} workers", f"{tp / to:.2f}x throughput")
+    # streaming: the same pipeline at --big-mb, memory should not grow with the corpus
+    rows = []
+    for size in (mb, args.big_mb):
+        out = tmp / f"big_{size:g}"
+        wall, rss, n = timed_process([sys.executable, "-c", _BIG, str(out), str(int(size * 1e6)), str(procs)], tmp)
+        rows.append((size, wall, rss, int(n.strip())))
+        shutil.rmtree(out, ignore_errors=True)
+    print("\n| prepare_shards streaming (builtin corpus repeated) | wall | MB/s | tokens | peak RSS |\n|---|---:|---:|---:|---:|")
+    for size, wall, rss, n in rows:
+        print(f"| {size:g} MB | {wall:.1f} s | {size / wall:.1f} | {n:,} | {rss:.0f} MB |")
+    summary("data", f"prepare_shards peak RSS at {rows[0][0]:g} MB / {rows[1][0]:g} MB", f"{rows[0][2]:.0f} / {rows[1][2]:.0f} MB")
+    if not same:
+        sys.exit(1)
+
+
 def main() -> None:
-    args = cli_args(__doc__, mb=8.0, procs=2, rounds=2, shard_tokens=1_000_000)
+    args = cli_args(__doc__, mb=8.0, procs=2, rounds=2, shard_tokens=1_000_000, big_mb=200.0, whole_only=0)
+    if args.whole_only:
+        tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
+        whole_process(args, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
 
     docs = list(iter_documents(config_from_dict({"data": {"max_bytes": int(args.mb * 1e6)}}).data))
     nbytes = sum(len(d.encode("utf-8")) for d in docs)
@@ -183,6 +263,7 @@ def main() -> None:
     print(f"\n| loading B={B}, T={T} | batches/s | ratio |\n|---|---:|---:|")
     print(f"| ShardLoader.next_batch (ours) | {steps / t_ours:,.0f} | {t_nano / t_ours:.2f} |")
     print(f"| nanoGPT get_batch (memmap, random offsets) | {steps / t_nano:,.0f} | 1.00 |")
+    whole_process(args, tmp)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -93,6 +93,9 @@ def main() -> None:
     print(f"| transformers GPT2 + peft | {n_r:,} | {med['peft'] * 1e3:.1f} ms | {tokens / med['peft']:,.0f} |")
     print(f"| **ratio ours/peft (tokens/s)** | | | **{med['peft'] / med['ours']:.2f}x** |")
     print(f"\nstep-0 loss (same weights, same A and B): ours {loss_ours:.6f}, peft {loss_ref:.6f}")
+    from _cli import summary
+
+    summary("finetune", "LoRA step vs transformers + peft", f"{med['peft'] / med['ours']:.2f}x")
 
 
 if __name__ == "__main__":

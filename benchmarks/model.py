@@ -151,6 +151,10 @@ def main() -> None:
         c = train_tps["ours (sdpa, compiled)"]
         print(f"| training step tokens/s, torch.compile(ours) | {c:,.0f} | | | {c / train_tps['HF eager']:.2f}x | |")
     print(f"\ngreedy tokens identical to HF generate: {identical}")
+    from _cli import summary
+
+    summary("model", "training step vs HF GPT2LMHeadModel eager", f"{o / train_tps['HF eager']:.2f}x (MFU {100 * ours.mfu(o, matmul_peak(), seq_len=T):.0f}%)")
+    summary("model", "greedy KV-cache generation vs HF generate (same tokens)", f"{g / gen_tps['HF eager']:.2f}x")
     print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s; FLOPs/token (6N + 12·L·H·Q·T, T={T}): "
           f"{ours.flops_per_token(T) / 1e6:.1f} M; our training MFU: {100 * mfu:.1f}%")
     import shutil

@@ -133,6 +133,9 @@ def main() -> None:
         tps = best[name]
         print(f"| {label} | {tps:,.0f} | {tps / best['bare']:.3f} | {fpt * tps / peak:.1%} |")
     print(f"\nloop overhead: {1 - best['loop'] / best['bare']:+.1%} (target ≤ 3%)   ours vs HF: {best['bare'] / best['hf']:.2f}×")
+    from _cli import summary
+
+    summary("train", "pretrain loop overhead vs the bare step", f"{1 - best['loop'] / best['bare']:+.1%}")
 
 
 if __name__ == "__main__":

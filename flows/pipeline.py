@@ -20,14 +20,16 @@ from gptcore.config import load_config
 
 @flow(name="gptcore-pipeline")
 def pipeline(config_path: str = "configs/tiny.yaml", overrides: list[str] | None = None,
-             until: str = "register", refresh: bool = False, base: str | None = None) -> dict:
+             until: str = "register", refresh: bool = False, base: str | None = None,
+             parent_run_id: str | None = None) -> dict:
     """The whole chain on one config; stops after `until`; `refresh` recomputes every stage.
 
+    `parent_run_id`: an MLflow run (a sweep's) the "pipeline" run nests under.
     `base`: a model folder to fine-tune instead of pre-training one (e.g. imported GPT-2 XL);
     then only finetune and register run.
     """
     cfg = load_config(config_path, overrides or [])
-    with PipelineRun(cfg, check_until(until), refresh, config_path) as run:
+    with PipelineRun(cfg, check_until(until), refresh, config_path, parent_run_id) as run:
         if base:
             model = run.given_model(base)
         else:
@@ -63,6 +65,17 @@ def finetune_flow(ctx: dict, model: dict) -> dict:
     return run_stage(ctx, "finetune", model=model)
 
 
+def open_tracking(config_path: str, overrides: list[str] | None = None) -> None:
+    """Open the config's MLflow store ahead of the flow (the first client costs ~1 s: imports and the
+    sqlite schema check), so `gptcore run` does it while the Prefect server is still starting.
+    MLflow keeps the opened store per URI, so the clients `PipelineRun` and the stages make are free."""
+    from tasks import tracking
+
+    cfg = load_config(config_path, overrides or [])
+    if cfg.tracking.enabled:
+        tracking.client(tracking.tracking_uri(cfg))
+
+
 def run_pipeline(config_path: str, overrides: list[str] | None = None, until: str = "register",
                  refresh: bool = False, quiet: bool = True, base: str | None = None) -> dict:
     """Run `pipeline` here (a temporary Prefect server unless PREFECT_API_URL is set); the report.
@@ -78,3 +91,4 @@ def run_pipeline(config_path: str, overrides: list[str] | None = None, until: st
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         return pipeline(config_path=config_path, overrides=list(overrides or []), until=until, refresh=refresh,
                         base=base)
+

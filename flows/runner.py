@@ -46,6 +46,16 @@ def _outputs_exist(result: dict) -> bool:
     return all(Path(result[k]).exists() for k in ("path", "dir") if isinstance(result.get(k), str))
 
 
+_PARENT_METRICS: dict[str, dict] = {}  # parent run id -> stage figures not yet written to it
+
+
+def flush_parent_metrics(c, parent_run_id: str) -> None:
+    """Write the parent run's pending stage figures ("pretrain.val_bpb", ...) in one log_batch."""
+    pending = _PARENT_METRICS.pop(parent_run_id, None)
+    if pending:
+        tracking.log_metrics(c, parent_run_id, pending)
+
+
 def run_stage(ctx: dict, name: str, **inputs: Any) -> dict:
     """Run stage `name` (its record in tasks.stages.STAGES); returns its result plus `_row` for the summary."""
     stage = STAGES[name]
@@ -86,11 +96,13 @@ def run_stage(ctx: dict, name: str, **inputs: Any) -> dict:
     seconds = time.perf_counter() - t0
     if c is not None:
         nums = _numbers(result)
-        # the stage's figures at its last step, so a final val_loss joins the per-step series where it belongs
-        tracking.log_metrics(c, run_id, {**nums, "seconds": seconds}, step=int(nums.get("step", 0)))
-        tracking.set_tags(c, run_id, {"gptcore.cached": str(cached).lower(),
-                                      "gptcore.source_run_id": result.get("run_id") or ""})
-        tracking.log_metrics(c, ctx["parent_run_id"], {f"{name}.{k}": v for k, v in {**nums, "seconds": seconds}.items()})
+        # one write: metrics (at the stage's last step, so a final val_loss joins the per-step series) and tags
+        tracking.log_metrics(c, run_id, {**nums, "seconds": seconds}, step=int(nums.get("step", 0)),
+                             tags={"gptcore.cached": str(cached).lower(), "gptcore.source_run_id": result.get("run_id") or ""})
+        pending = _PARENT_METRICS.setdefault(ctx["parent_run_id"], {})
+        pending.update({f"{name}.{k}": v for k, v in {**nums, "seconds": seconds}.items()})
+        if not cached:  # a cache hit's figures wait for the next write: one batch for a run of hits
+            flush_parent_metrics(c, ctx["parent_run_id"])
         c.set_terminated(run_id, "FINISHED")
     if name == "register":  # nothing new registered = the registry already had these models
         cached = result.get("new_versions", 1) == 0
@@ -109,8 +121,9 @@ class PipelineRun:
         report = run.report()
     """
 
-    def __init__(self, cfg: Config, until: str = "register", refresh: bool = False, config_path: str = ""):
-        self.until, self.rows = until, []
+    def __init__(self, cfg: Config, until: str = "register", refresh: bool = False, config_path: str = "",
+                 parent_run_id: str | None = None):
+        self.until, self.rows, self.results, self.parent = until, [], {}, parent_run_id  # parent: e.g. a sweep's run
         uri = tracking.tracking_uri(cfg) if cfg.tracking.enabled else None
         self.ctx = {"config": cfg, "store": str(store_root(cfg)), "refresh": refresh, "uri": uri,
                     "experiment": cfg.tracking.experiment or cfg.run.name, "experiment_id": None, "parent_run_id": None}
@@ -120,7 +133,7 @@ class PipelineRun:
     def __enter__(self) -> "PipelineRun":
         if self.c is not None:
             exp = tracking.experiment_id(self.c, self.ctx["experiment"])
-            run_id = tracking.start_run(self.c, exp, "pipeline", tags={
+            run_id = tracking.start_run(self.c, exp, "pipeline", parent=self.parent, tags={
                 "prefect.flow_run_id": _flow_run_id(), "gptcore.config_path": self.config_path,
                 "gptcore.until": self.until, "gptcore.refresh": str(self.ctx["refresh"]).lower()})
             tracking.log_params(self.c, run_id, self.cfg.flat())
@@ -142,6 +155,7 @@ class PipelineRun:
     def record(self, result: dict) -> dict:
         row = result.pop("_row")
         self.rows.append(row)
+        self.results[row["stage"]] = {**_numbers(result), "run_id": result.get("run_id")}
         if row["stage"] == self.until:
             raise Reached(row["stage"])
         return result
@@ -149,6 +163,7 @@ class PipelineRun:
     def __exit__(self, etype, exc, tb) -> bool:
         if self.c is not None:
             run_id = self.ctx["parent_run_id"]
+            flush_parent_metrics(self.c, run_id)
             if etype is None or etype is Reached:
                 self.c.log_text(run_id, summary_markdown(self.rows), "summary.md")
                 self.c.set_terminated(run_id, "FINISHED")
@@ -157,7 +172,7 @@ class PipelineRun:
         return etype is Reached
 
     def report(self) -> dict:
-        return {"rows": self.rows, "uri": self.ctx["uri"], "experiment": self.ctx["experiment"],
+        return {"rows": self.rows, "results": self.results, "uri": self.ctx["uri"], "experiment": self.ctx["experiment"],
                 "experiment_id": self.ctx["experiment_id"], "run_id": self.ctx["parent_run_id"],
                 "store": self.ctx["store"]}
 

@@ -69,9 +69,9 @@ def _model_section() -> type[Section]:
 
     from pydantic import create_model
 
-    from gptcore.model.gpt import ATTN_IMPLS, MLPS, NORMS, POSITIONS, GPTConfig
+    from gptcore.model.gptconfig import ATTN_IMPLS, MLP_NAMES, NORM_NAMES, POSITIONS, GPTConfig
 
-    choices = {"norm": tuple(NORMS), "mlp": tuple(MLPS), "pos": POSITIONS, "attn_impl": ATTN_IMPLS}
+    choices = {"norm": NORM_NAMES, "mlp": MLP_NAMES, "pos": POSITIONS, "attn_impl": ATTN_IMPLS}
     hints = typing.get_type_hints(GPTConfig)
     fields: dict[str, Any] = {"preset": (str, "tiny")}
     for f in dataclasses.fields(GPTConfig):
@@ -113,6 +113,7 @@ class TrainSection(Section):
     schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warmup, stable at lr, decay over the last decay_fraction
     decay_fraction: float = Field(default=0.2, gt=0.0, le=1.0)
     weight_decay: float = Field(default=0.1, ge=0.0)
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: torch.optim.Muon for block matrices, AdamW for the rest
     beta1: float = Field(default=0.9, gt=0.0, lt=1.0)
     beta2: float = Field(default=0.95, gt=0.0, lt=1.0)
     grad_clip: float = Field(default=1.0, ge=0.0)  # 0 disables
@@ -204,6 +205,8 @@ class TrackingSection(Section):
     register_models: bool = True
     result_store: str = ".gptcore"
     log_every: int = Field(default=10, gt=0)  # batch this many metric rows per log_batch
+    gate_seeds: int = Field(default=1, gt=0)  # >1: promote only a recipe better over this many seeds...
+    gate_p: float = Field(default=0.05, gt=0.0, lt=1.0)  # ...at Welch's one-sided p below this
 
 
 class Config(Section):
@@ -322,3 +325,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def check_config(cfg: Config) -> None:
+    """Everything that can be checked before any work (no torch needed): the model shape (GPTConfig's
+    own checks — n_embd % n_head, rope's even head size, ... — with the vocabulary the tokenizer
+    section will give), train.block_size within model.block_size, the fine-tuning precision rules."""
+    from gptcore.model.gptconfig import GPTConfig
+
+    over = cfg.model.overrides()
+    over.setdefault("vocab_size", 50257 if cfg.tokenizer.path == "gpt2" else cfg.tokenizer.vocab_size)
+    gcfg = GPTConfig.preset(cfg.model.preset, **over)  # raises ConfigError naming the model.* key
+    T = cfg.train.block_size or gcfg.block_size
+    if T > gcfg.block_size:
+        raise ConfigError(f"train.block_size {T} exceeds model.block_size {gcfg.block_size}", "train.block_size",
+                          "lower it or raise model.block_size")
+    if cfg.finetune.base_dtype == "bfloat16" and cfg.finetune.method == "full":
+        raise ConfigError("full fine-tuning keeps float32 master weights", "finetune.base_dtype",
+                          "use base_dtype auto/float32 with method full, or method lora")

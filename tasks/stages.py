@@ -33,12 +33,9 @@ from gptcore.config import Config
 from gptcore.data import sharding as shards_mod
 from gptcore.data import sources
 from gptcore.errors import CheckpointError, DataError, GptcoreError
-from gptcore.evaluation import evaluate as ev
+from gptcore import evaluation, finetuning, training  # their READS: torch-free (engines import lazily)
 from gptcore.fileio import atomic_dir, atomic_write_text, link_tree, sha256_file
-from gptcore.finetuning import finetune as ft
 from gptcore.reads import Reads
-from gptcore.training import launch
-from gptcore.training import pretrain as pt
 from tasks import nodes, tracking
 from tasks.caching import artifact_dir
 
@@ -190,6 +187,8 @@ def _tracked(config: Config, track: dict | None, engine: str, args: list, out: P
     (CPU, memory, GPU) sampled beside them. Logs where it ran as params: world_size, nnodes, device, dtype.
 
     Returns its summary and the seconds spent in the engine's own work and in tracking."""
+    from gptcore.training import launch  # no torch until a rank is really started
+
     c, run_id = _client(track)
     buf = tracking.MetricBuffer(c, run_id, every=config.tracking.log_every)
     with tracking.system_metrics(track), _Work() as w:
@@ -216,6 +215,8 @@ def pretrain(config: Config, key: str, store: str, workdir: str, shards: dict, t
 @task(name="evaluate", **CACHED)
 def evaluate(config: Config, key: str, store: str, model: dict, shards: dict, track: dict | None = None) -> dict:
     """Validation loss and bits per byte beside the unigram baseline, plus sample generations."""
+    from gptcore.evaluation import evaluate as ev
+
     tasks_ = list(dict.fromkeys([*config.eval.tasks, "samples"]))
     out = artifact_dir(store, "evaluate", key)
     with atomic_dir(out) as tmp, _Work() as w:
@@ -230,6 +231,8 @@ def evaluate(config: Config, key: str, store: str, model: dict, shards: dict, tr
     result = _numbers(val)
     if "val_bpb" in val and val.get("unigram_bpb"):
         result["bpb_vs_unigram"] = val["val_bpb"] / val["unigram_bpb"]  # < 1: the model beats the baseline
+    if "code" in res["tasks"]:  # the fraction of samples that are valid Python
+        result["parse_rate"] = res["tasks"]["code"]["parse_rate"]
     for name, r in res["tasks"].items():  # multiple-choice accuracies
         if isinstance(r, dict) and "acc" in r:
             result[f"{name}.acc"] = r["acc"]
@@ -269,9 +272,10 @@ def register(config: Config, models: dict[str, dict], track: dict | None = None)
             continue
         model_id = _logged_model(c, res, track)
         value = float(res[metric])
-        version, new = tracking.register_version(c, name, tracking.logged_model_source(c, model_id), res.get("run_id") or run_id,
-                                                 res["sha256"], metric, value, model_id=model_id)
-        promoted, reason = tracking.promotion_gate(c, name, version, metric, value)
+        version, new = tracking.register_version(c, name, model_id, res.get("run_id") or run_id, res["sha256"], metric, value,
+                                                 recipe=recipe_hash(config))
+        promoted, reason = tracking.promotion_gate(c, name, version, metric, value, seeds=config.tracking.gate_seeds,
+                                                   p=config.tracking.gate_p, recipe=recipe_hash(config))
         out[f"{name}.version"] = int(version)
         out["new_versions"] += int(new)
         decisions.append(f"{name} v{version}: {reason}")
@@ -280,6 +284,15 @@ def register(config: Config, models: dict[str, dict], track: dict | None = None)
     tracking.set_tags(c, run_id, {"promotion": text.strip()[:5000]})
     out["decisions"] = decisions
     return out
+
+
+def recipe_hash(config: Config) -> str:
+    """What makes two registered models seeds of one recipe: every key any stage's result reads, but `run.seed`."""
+    from gptcore.reads import view_hash
+
+    view = {k: v for st in STAGES.values() if st.reads for k, v in st.reads.result_view(config).items()}
+    view.pop("run.seed", None)
+    return view_hash(view)[:16]
 
 
 def _logged_model(c, res: dict, track: dict) -> str:
@@ -323,12 +336,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           summary=lambda r: f"vocab {_f(r, 'vocab_size', '{:,}')}"),
     Stage("shard", shard, shards_mod.READS, ("data", "tokenizer"), resumable=True,
           summary=lambda r: f"{_f(r, 'train_tokens', '{:,}')} train / {_f(r, 'val_tokens', '{:,}')} val tokens"),
-    Stage("pretrain", pretrain, pt.READS, ("training", "model", "data", "evaluation", "tokenizer"), resumable=True,
+    Stage("pretrain", pretrain, training.READS, ("training", "model", "data", "evaluation", "tokenizer"), resumable=True,
           summary=lambda r: f"val bpb {_f(r, 'val_bpb')}, train loss {_f(r, 'train_loss')}"
                             + (f", resumed from step {r['resumed_from_step']:.0f}" if "resumed_from_step" in r else "")),
-    Stage("evaluate", evaluate, ev.READS, ("evaluation", "model", "data", "tokenizer"),
-          summary=lambda r: f"val bpb {_f(r, 'val_bpb')} vs unigram {_f(r, 'unigram_bpb')}"),
-    Stage("finetune", finetune, ft.READS, ("finetuning", "training", "model", "data", "tokenizer"), resumable=True,
+    Stage("evaluate", evaluate, evaluation.READS, ("evaluation", "model", "data", "tokenizer"),
+          summary=lambda r: f"val bpb {_f(r, 'val_bpb')} vs unigram {_f(r, 'unigram_bpb')}"
+                            + (f", parse rate {_f(r, 'parse_rate', '{:.2f}')}" if "parse_rate" in r else "")),
+    Stage("finetune", finetune, finetuning.READS, ("finetuning", "training", "model", "data", "tokenizer"), resumable=True,
           summary=lambda r: f"val loss {_f(r, 'val_loss_before')} -> {_f(r, 'val_loss_after')}"
                             + (f", acc {_f(r, 'accuracy')}" if "accuracy" in r else "")),
     Stage("register", register, None,

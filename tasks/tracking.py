@@ -91,12 +91,13 @@ def log_params(c: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
         c.log_batch(run_id, params=items[i : i + 100])
 
 
-def log_metrics(c: MlflowClient, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
-    """Log the finite numbers of `metrics` (others are skipped) in one call."""
+def log_metrics(c: MlflowClient, run_id: str, metrics: dict[str, Any], step: int = 0, tags: dict | None = None) -> None:
+    """Log the finite numbers of `metrics` (others are skipped), and `tags`, in one call."""
     ts = int(time.time() * 1000)
     items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if _finite(v)]
-    if items:
-        c.log_batch(run_id, metrics=items)
+    tag_items = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    if items or tag_items:
+        c.log_batch(run_id, metrics=items, tags=tag_items)
 
 
 def set_tags(c: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
@@ -152,24 +153,21 @@ class MetricBuffer:
         self.pending = []
 
 
-def plot_curves(rows: list[dict], path: str | Path, title: str = "loss") -> Path | None:
-    """Training loss (and validation loss where present) against step, as a PNG. None if no rows."""
-    train = [(r["step"], r["loss"]) for r in rows if _finite(r.get("loss"))]
-    val = [(r["step"], r["val_loss"]) for r in rows if _finite(r.get("val_loss"))]
-    if not train and not val:
-        return None
+def _figure(size: tuple[float, float]):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if val:
-        ax.plot(*zip(*val), "o-", label="val loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    return plt.subplots(figsize=size, dpi=100)
+
+
+def _save(fig, ax, path: str | Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label, legend and grid the axes, write the PNG (its folder made), close the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
@@ -181,14 +179,44 @@ def plot_curves(rows: list[dict], path: str | Path, title: str = "loss") -> Path
     return path
 
 
+def plot_curves(rows: list[dict], path: str | Path, title: str = "loss") -> Path | None:
+    """Training loss (and validation loss where present) against step, as a PNG. None if no rows."""
+    train = [(r["step"], r["loss"]) for r in rows if _finite(r.get("loss"))]
+    val = [(r["step"], r["val_loss"]) for r in rows if _finite(r.get("val_loss"))]
+    if not train and not val:
+        return None
+    fig, ax = _figure((6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="val loss")
+    return _save(fig, ax, path, "step", "cross-entropy (nats/token)", title)
+
+
+def plot_variant_curves(curves: dict[str, list[tuple[int, list[tuple[int, float]]]]], path: str | Path,
+                        ylabel: str) -> Path | None:
+    """One colour per variant, one line per seed: {variant: [(seed, [(step, value), ...]), ...]} as a PNG."""
+    if not any(points for runs in curves.values() for _, points in runs):
+        return None
+    fig, ax = _figure((7, 4.5))
+    for i, (variant, runs) in enumerate(curves.items()):
+        for j, (_seed, points) in enumerate(runs):
+            if points:
+                ax.plot(*zip(*points), "o-", color=f"C{i}", alpha=0.8, label=variant if j == 0 else None)
+    return _save(fig, ax, path, "step", ylabel, f"{ylabel} per variant (one line per seed)")
+
+
 # --------------------------------------------------------------------------------------------
 # the model registry
 
 
-def register_version(c: MlflowClient, name: str, source: str, run_id: str, sha256: str, metric: str, value: float,
-                     model_id: str | None = None) -> tuple[str, bool]:
-    """A version of registered model `name` for the weights `sha256` at `source` (the logged
-    model `model_id`'s location: `logged_model_source`): reused if a version of those weights exists (→ False)."""
+def register_version(c: MlflowClient, name: str, model_id: str, run_id: str, sha256: str, metric: str, value: float,
+                     recipe: str | None = None) -> tuple[str, bool]:
+    """A version of registered model `name` for the logged model `model_id` holding the weights
+    `sha256`: reused if a version of those weights exists (→ False).
+
+    `recipe`: a hash of the config without its seed (tag `gptcore.recipe`): versions sharing it are
+    seeds of one recipe, the samples the statistical gate compares."""
     try:
         c.create_registered_model(name, description="gptcore models; alias champion = best so far")
     except MlflowException:
@@ -196,22 +224,30 @@ def register_version(c: MlflowClient, name: str, source: str, run_id: str, sha25
     for mv in c.search_model_versions(f"name='{name}'"):
         if mv.tags.get("model_sha256") == sha256:
             return str(mv.version), False
-    tags = {"model_sha256": sha256, metric: repr(value), **({"model_id": model_id} if model_id else {})}
+    # the logged model's own artifact location as source: a "models:/<id>" source would be resolved
+    # by the store through the *global* tracking URI (MLflow 3.17), not this client's; the sqlite
+    # store does not keep model_id either, so the version carries it as a tag
+    source = c.get_logged_model(model_id).artifact_location
+    tags = {"model_sha256": sha256, "model_id": model_id, metric: repr(value), **({"gptcore.recipe": recipe} if recipe else {})}
     mv = c.create_model_version(name, source=source, run_id=run_id, model_id=model_id, tags=tags)
     return str(mv.version), True
 
 
-def logged_model_source(c: MlflowClient, model_id: str) -> str:
-    """Where a logged model's files are: the source a registry version of it points at. (A
-    "models:/<id>" source would be resolved by the store through the *global* tracking URI in MLflow
-    3.17, not this client's; the sqlite store does not keep a version's model_id either, so
-    `register_version` also tags it.)"""
-    return c.get_logged_model(model_id).artifact_location
+def _recipe_values(c: MlflowClient, name: str, metric: str, recipe: str | None, mv=None) -> list[float]:
+    """The `metric` of every version of `name` tagged with `recipe` (or just `mv`'s, untagged)."""
+    if recipe is None:
+        return [float(mv.tags[metric])] if mv is not None and metric in mv.tags else []
+    return [float(v.tags[metric]) for v in c.search_model_versions(f"name='{name}'")
+            if v.tags.get("gptcore.recipe") == recipe and metric in v.tags]
 
 
-def promotion_gate(c: MlflowClient, name: str, version: str, metric: str, value: float) -> tuple[bool, str]:
+def promotion_gate(c: MlflowClient, name: str, version: str, metric: str, value: float, seeds: int = 1,
+                   p: float = 0.05, recipe: str | None = None) -> tuple[bool, str]:
     """Move alias `champion` to `version` only if its `metric` (lower is better) beats the champion's.
 
+    seeds = 1 (`tracking.gate_seeds`): this version's value against the champion's. seeds > 1: the
+    values of every version of the candidate's `recipe` (its seeds) against those of the champion's
+    recipe; it needs `seeds` of them, a lower mean, and Welch's one-sided p < `p` (`tracking.gate_p`).
     `candidate` always points at the newest version. Returns (promoted, reason); the reason is also
     written as tag `promotion` on the version.
     """
@@ -220,7 +256,9 @@ def promotion_gate(c: MlflowClient, name: str, version: str, metric: str, value:
         champ = c.get_model_version_by_alias(name, "champion")
     except MlflowException:
         champ = None
-    if champ is None:
+    if seeds > 1:
+        promoted, reason = _statistical_gate(c, name, version, metric, seeds, p, recipe, champ)
+    elif champ is None:
         promoted, reason = True, f"promoted: first champion ({metric}={value:.4f})"
     elif str(champ.version) == str(version):
         promoted, reason = False, f"kept: version {version} is already champion ({metric}={value:.4f})"
@@ -234,6 +272,29 @@ def promotion_gate(c: MlflowClient, name: str, version: str, metric: str, value:
         c.set_registered_model_alias(name, "champion", version)
     c.set_model_version_tag(name, version, "promotion", reason)
     return promoted, reason
+
+
+def _statistical_gate(c: MlflowClient, name: str, version: str, metric: str, seeds: int, p_max: float,
+                      recipe: str | None, champ) -> tuple[bool, str]:
+    from gptcore.evaluation.stats import mean_std, welch_p
+
+    cand = _recipe_values(c, name, metric, recipe, c.get_model_version(name, version))
+    m, s = mean_std(cand)
+    if len(cand) < seeds:
+        return False, (f"kept: candidate recipe has {len(cand)} of the {seeds} seeds the gate needs "
+                       f"(train more with --set run.seed=N)")
+    if champ is None:
+        return True, f"promoted: first champion ({metric} {m:.4f} ± {s:.4f} over {len(cand)} seeds)"
+    champ_recipe = champ.tags.get("gptcore.recipe")
+    if str(champ.version) == str(version) or (recipe is not None and champ_recipe == recipe):
+        return False, f"kept: the champion v{champ.version} is this recipe ({metric} {m:.4f} ± {s:.4f})"
+    base = _recipe_values(c, name, metric, champ_recipe, champ) or [float(champ.tags.get(metric, "inf"))]
+    bm, bs = mean_std(base)
+    pv = welch_p(cand, base, alternative="less")
+    promoted = m < bm and pv < p_max
+    verdict = "promoted" if promoted else "kept champion"
+    return promoted, (f"{verdict}: {metric} {m:.4f} ± {s:.4f} (n={len(cand)}) vs champion v{champ.version}'s "
+                      f"{bm:.4f} ± {bs:.4f} (n={len(base)}), Welch p={pv:.3g} {'<' if pv < p_max else '>='} {p_max}")
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from gptcore.config import config_from_dict
 from gptcore.data.sharding import (
     cap_bytes,
     download,
+    encoder_for,
     iter_documents,
     prepare,
     prepare_shards,
@@ -318,6 +319,57 @@ def test_two_processes_write_the_same_shards_as_one(tmp_path, tok):
     assert m1["splits"] == m2["splits"]
 
 
+EDGE_DOCS = ["<|endoftext|> is ordinary text here", "   \n\n\t  ", "x" * 3000, "1040 2024.5 'll 've 're", "😀😀 café 中文"]
+
+
+@pytest.mark.parametrize("kind", ["trained-gpt4", "trained-gpt2", "openai-gpt2"])
+def test_tiktoken_fast_path_writes_byte_identical_shards(tmp_path, tok, gpt2_files, kind):
+    """The fast path (tiktoken in threads) and our own encoder (the reference, in processes) write
+    the same bytes: every shard and the manifest, with one worker and with two."""
+    docs = make_docs(150, seed=3) + EDGE_DOCS
+    tokenizer = {"trained-gpt4": lambda: tok,
+                 "trained-gpt2": lambda: BPETokenizer.train(make_docs(40, seed=5), vocab_size=400, pattern="gpt2"),
+                 "openai-gpt2": lambda: BPETokenizer.from_gpt2_files(*gpt2_files)}[kind]()
+    assert encoder_for(tokenizer)[1] == "tiktoken" and encoder_for(tokenizer, "gptcore")[1] == "gptcore"
+    runs = {(enc, n): tmp_path / f"{enc}{n}" for enc in ("gptcore", "tiktoken") for n in (1, 2)}
+    for (enc, n), out in runs.items():
+        prepare_shards(iter(docs), tokenizer, out, shard_tokens=3000, val_fraction=0.1, num_proc=n, encoder=enc)
+    ref = runs[("gptcore", 1)]
+    names = sorted(p.name for p in ref.iterdir() if p.is_file())
+    assert len(names) > 4
+    for out in runs.values():
+        assert sorted(p.name for p in out.iterdir() if p.is_file()) == names
+        for name in names:
+            assert (out / name).read_bytes() == (ref / name).read_bytes(), (out, name)
+
+
+def test_tiktoken_shards_hold_tiktokens_own_gpt2_ids(tmp_path, gpt2_files):
+    """Against the reference: tiktoken's GPT-2 Encoding built from OpenAI's files, not from ours."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    from gptcore.tokenizer import PATTERNS
+
+    encoder_json, vocab_bpe = gpt2_files
+    ref = tiktoken.Encoding("gpt2", pat_str=PATTERNS["gpt2"], special_tokens={"<|endoftext|>": 50256},
+                            mergeable_ranks=data_gym_to_mergeable_bpe_ranks(str(vocab_bpe), str(encoder_json)))
+    docs = make_docs(60, seed=8) + EDGE_DOCS
+    m = prepare_shards(iter(docs), BPETokenizer.from_gpt2_files(*gpt2_files), tmp_path, shard_tokens=10**6,
+                       val_fraction=0.5, num_proc=2, encoder="tiktoken")
+    splits = {s: [d for d in docs if split_of(d, 0.5) == s] for s in ("train", "val")}
+    for s, ds in splits.items():
+        assert shard_stream(tmp_path, m, s).tolist() == [t for d in ds for t in [50256, *ref.encode_ordinary(d)]]
+
+
+def test_custom_split_stays_on_our_encoder(tmp_path):
+    custom = BPETokenizer.train(make_docs(20), vocab_size=300, pattern=r"\w+|\s+|[^\w\s]+")
+    assert custom.fast_encoder() is None and encoder_for(custom)[1] == "gptcore"
+    with pytest.raises(DataError, match="tiktoken"):
+        prepare_shards(iter(make_docs(10)), custom, tmp_path, encoder="tiktoken")
+    with pytest.raises(DataError, match="unknown encoder"):
+        prepare_shards(iter(make_docs(10)), custom, tmp_path, encoder="rust")
+
+
 def test_split_is_stable_as_the_corpus_grows_and_never_empty(tmp_path, tok):
     docs = make_docs(400)
     assert [split_of(d, 0.1) for d in docs[:200]] == [split_of(d, 0.1) for d in docs][:200]
@@ -484,9 +536,9 @@ def test_interrupted_prepare_resumes_with_the_same_tokenizer(tmp_path, monkeypat
     real = data_mod.iter_documents
     calls = []
 
-    def interrupt_while_sharding(section):  # 1st call: empty-source probe, 2nd: tokenizer, 3rd: shards
+    def interrupt_while_sharding(section):  # 1st call: the probed stream that feeds the shards, 2nd: tokenizer
         calls.append(1)
-        return _interrupted_after_bytes(real(section), 320_000) if len(calls) == 3 else real(section)  # mid-corpus
+        return _interrupted_after_bytes(real(section), 320_000) if len(calls) == 1 else real(section)  # mid-corpus
 
     monkeypatch.setattr(data_mod, "iter_documents", interrupt_while_sharding)
     with pytest.raises(KeyboardInterrupt):

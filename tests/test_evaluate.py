@@ -255,3 +255,98 @@ def test_format_report_shows_lm_eval_results():
     text = format_report(res)
     assert "lm-eval x  acc 0.4000 ± 0.1000" in text
     assert "lm-eval y  word_perplexity 12.5000  bits_per_byte 1.2500" in text
+
+
+def test_multiple_choice_accuracy(pair, tmp_path):
+    from gptcore.evaluation.evaluate import load_mc_jsonl, multiple_choice
+
+    model, tok, hf = pair
+    items = [
+        {"context": "import", "endings": ["os", "sys", "re"], "label": 0},
+        {"context": "def f(x):\n    return", "endings": ["x", "None"], "label": 1},
+        {"context": "for i in", "endings": ["range(3):", "items:", "x"], "label": 2},
+        {"context": "class", "endings": ["A:", "Foo(Bar):"], "label": 0},
+    ]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(it) + "\n" for it in items))
+    got = multiple_choice(model, tok, load_mc_jsonl(path))
+    correct = correct_norm = 0
+    for it in items:
+        ctx = tok.encode_ordinary(it["context"])
+        scores = [hf_logprob(hf, ctx, tok.encode_ordinary(" " + e))[0] for e in it["endings"]]
+        norm = [s / len((" " + e).encode()) for s, e in zip(scores, it["endings"])]
+        correct += int(np.argmax(scores) == it["label"])
+        correct_norm += int(np.argmax(norm) == it["label"])
+    assert got == {"acc": correct / 4, "acc_norm": correct_norm / 4, "n": 4}
+
+    path.write_text(json.dumps(items[0]) + "\n" + json.dumps({"context": "x", "endings": ["a"], "label": 3}) + "\n")
+    with pytest.raises(DataError, match="line 2"):
+        load_mc_jsonl(path)
+
+
+def test_samples_are_reproducible(pair):
+    from gptcore.evaluation.evaluate import samples
+
+    model, tok, _ = pair
+    a = samples(model, tok, ["def ", "import "], seeds=[0, 1], max_new_tokens=8)
+    b = samples(model, tok, ["def ", "import "], seeds=[0, 1], max_new_tokens=8)
+    assert a == b and len(a) == 4
+    assert a[0]["text"] != a[1]["text"]  # different seeds, different samples
+
+
+def test_parse_rate_cuts_at_the_last_complete_line_and_dedents():
+    from gptcore.evaluation.evaluate import complete_lines, parse_rate, parses
+
+    assert complete_lines("x = 1\ny = (") == "x = 1\n" and complete_lines("def f(") == ""
+    good = {"prompt": "def ", "text": "f(x):\n    return x\n    y = (1,"}  # the cut-off last line is dropped
+    indented = {"prompt": "    ", "text": "if a:\n        b = 1\n"}  # a body taken out of a class: dedented
+    bad = {"prompt": "class ", "text": " A:\nreturn\n"}  # no indented block after the colon
+    partial = {"prompt": "import ", "text": "os"}  # no complete line at all: not counted as code
+    got = parse_rate([good, indented, bad, partial])
+    assert got == {"parse_rate": 0.5, "n": 4}
+    # the reference: Python's own compiler decides, on the exact text we cut
+    for s, want in [(good, True), (indented, True), (bad, False)]:
+        import textwrap
+
+        code = textwrap.dedent(complete_lines(s["prompt"] + s["text"]))
+        try:
+            compile(code, "<t>", "exec")
+            ok = True
+        except SyntaxError:
+            ok = False
+        assert ok is want and parses(complete_lines(s["prompt"] + s["text"])) is want
+    assert math.isnan(parse_rate([])["parse_rate"])
+
+
+def test_hellaswag_offline_is_a_clear_error():
+    from gptcore.evaluation.evaluate import hellaswag_items
+
+    with pytest.raises(DataError, match="HellaSwag"):
+        hellaswag_items(limit=1)
+
+
+def test_evaluate_cli_writes_eval_json(data_dir, tmp_path, run_cli):
+    from gptcore.training.pretrain import pretrain
+
+    cfg = make_config(max_steps=150, batch_size=8, lr=1e-2, warmup_steps=10, eval_every=1000, ckpt_every=1000)
+    cfg.model.n_embd = 64
+    s = pretrain(cfg, data_dir, tmp_path / "run")
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"context": "import", "endings": ["os", "sys"], "label": 0}) + "\n")
+    r = run_cli("evaluate", s["final_dir"], "--data", data_dir, "--tasks", "val", "--tasks", f"mc:{mc}", "--tasks", "samples")
+    assert r.returncode == 0, r.stderr
+    result = json.loads((Path(s["final_dir"]) / "eval.json").read_text())
+    val = result["tasks"]["val"]
+    assert "bits per byte" in r.stdout and "unigram" in r.stdout
+    assert val["val_bpb"] < val["unigram_bpb"]  # the trained model beats token frequencies
+    assert result["tasks"][f"mc:{mc}"]["n"] == 1 and len(result["tasks"]["samples"]) == 3
+    assert result["tasks"]["code"]["n"] == 3 and 0 <= result["tasks"]["code"]["parse_rate"] <= 1
+    assert "parse rate" in r.stdout
+    # the previous best model's numbers appear beside this one's
+    prev = tmp_path / "prev.json"
+    prev.write_text(json.dumps({"tasks": {"val": {"val_loss": 9.0, "val_ppl": 8103.08, "val_bpb": 7.5}}}))
+    r = run_cli("evaluate", s["final_dir"], "--data", data_dir, "--previous", prev, "--out", tmp_path / "e2.json")
+    assert r.returncode == 0, r.stderr
+    assert "7.5000" in r.stdout and (tmp_path / "e2.json").exists()
+    r = run_cli("evaluate", s["final_dir"], "--data", data_dir, "--tasks", "nonsense")
+    assert r.returncode == 2 and "unknown evaluation task" in r.stderr

@@ -44,11 +44,12 @@ def setup(tmp_path_factory):
     return d
 
 
-def _workers() -> list[psutil.Process]:
+def _workers(under: Path) -> list[psutil.Process]:
+    """Ranks of runs whose files are under `under` (other runs on the machine are not ours to count)."""
     out = []
     for p in psutil.process_iter(["cmdline"]):
-        with_cmd = p.info["cmdline"] or []
-        if "gptcore.training.worker" in with_cmd:
+        cmd = p.info["cmdline"] or []
+        if "gptcore.training.worker" in cmd and any(str(under) in a for a in cmd):
             out.append(p)
     return out
 
@@ -71,14 +72,14 @@ def test_two_ranks_train_what_one_process_trains(setup):
     assert abs(ev1[-1]["val_bpb"] - ev2[-1]["val_bpb"]) < 1e-4  # in fact the same numbers, up to reduction order
     summary = json.loads((setup / "two" / ".launch" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["device"] == "cpu"
-    assert not _workers()
+    assert not _workers(setup)
 
     tuned = _cli("finetune", "cfg.yaml", "--base", "two/final", "--out", "ft", "--set", "train.nproc_per_node=2", cwd=setup)
     assert tuned.returncode == 0, tuned.stderr[-2000:]
     s = json.loads((setup / "ft" / ".launch" / "summary.json").read_text())
     assert s["world_size"] == 2 and s["val_loss_after"] < s["val_loss_before"]
     assert (setup / "ft" / "final" / "model.safetensors").is_file() and (setup / "ft" / "adapter").is_dir()
-    assert not _workers()
+    assert not _workers(setup)
 
 
 def test_too_many_processes_is_one_clear_error(setup):
@@ -102,7 +103,7 @@ def test_a_killed_rank_fails_clearly_and_the_rerun_resumes_bit_exact(setup):
         if metrics.exists() and any(json.loads(x).get("step", 0) >= 50 for x in metrics.read_text().splitlines() if x.strip()):
             break
         time.sleep(0.05)
-    rank1 = [p for p in _workers() if p.environ().get("RANK") == "1"]
+    rank1 = [p for p in _workers(setup) if p.environ().get("RANK") == "1"]
     assert rank1, "the run finished before a rank could be killed: make it longer"
     rank1[0].send_signal(signal.SIGKILL)
     _, err = proc.communicate(timeout=120)
@@ -111,7 +112,7 @@ def test_a_killed_rank_fails_clearly_and_the_rerun_resumes_bit_exact(setup):
     assert lines[-1].startswith("error: pretrain failed on 2 processes: rank 1 was killed by SIGKILL"), err[-2000:]
     assert "Traceback" not in err
     time.sleep(1)
-    assert not _workers(), "a rank outlived the failed command"
+    assert not _workers(setup), "a rank outlived the failed command"
 
     again = _cli("pretrain", "cfg.yaml", "--data", "data", "--out", "run", *sets, cwd=setup)
     assert again.returncode == 0, again.stderr[-2000:]

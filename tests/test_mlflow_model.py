@@ -39,8 +39,7 @@ def registry(tmp_path_factory):
     run_id = tracking.start_run(c, tracking.experiment_id(c, "t"), "finetune")
     model_id = tracking.log_pyfunc_model(c, run_id, folder)
     sha = model_sha256(folder)
-    version, new = tracking.register_version(c, "gptcore-finetuned", tracking.logged_model_source(c, model_id), run_id,
-                                             sha, "val_loss_after", 1.5, model_id=model_id)
+    version, new = tracking.register_version(c, "gptcore-finetuned", model_id, run_id, sha, "val_loss_after", 1.5)
     promoted, _ = tracking.promotion_gate(c, "gptcore-finetuned", version, "val_loss_after", 1.5)
     assert new and promoted
     return uri, folder, c, model_id
@@ -73,8 +72,7 @@ def test_same_weights_are_not_registered_twice(registry):
     from tasks import tracking
 
     _, folder, c, model_id = registry
-    version, new = tracking.register_version(c, "gptcore-finetuned", tracking.logged_model_source(c, model_id), "x",
-                                             model_sha256(folder), "val_loss_after", 1.5, model_id=model_id)
+    version, new = tracking.register_version(c, "gptcore-finetuned", model_id, "x", model_sha256(folder), "val_loss_after", 1.5)
     assert (version, new) == ("1", False)
 
 

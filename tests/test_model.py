@@ -27,6 +27,8 @@ VARIANTS = {
     "qk_norm": dict(qk_norm=True),
     "untied_nobias": dict(tie_embeddings=False, bias=False),
     "math": dict(attn_impl="math"),
+    "relu2": dict(mlp="relu2"),
+    "softcap": dict(logit_softcap=3.0),
     "llama": dict(norm="rmsnorm", mlp="swiglu", pos="rope", n_kv_head=2, bias=False, tie_embeddings=False, qk_norm=True),
 }
 
@@ -260,3 +262,20 @@ def test_sample_filters():
     assert picks == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: exactly the two most likely
     picks = {sample(probs.log(), 1.0, top_p=0.45, generator=g).item() for _ in range(100)}
     assert picks == {0}
+
+
+def test_relu2_mlp_and_logit_softcap_match_their_formulas():
+    """ReLU²: c_proj(max(0, c_fc x)²); soft-capping: c·tanh(z/c) of the plain head's logits — in float64."""
+    torch.manual_seed(0)
+    m = build_model(small(mlp="relu2", logit_softcap=2.0)).eval()
+    mlp, x = m.transformer.h[0].mlp, torch.randn(2, 5, 32)
+    h = x.double() @ mlp.c_fc.weight.double().T + mlp.c_fc.bias.double()
+    want = (h.clamp(min=0) ** 2) @ mlp.c_proj.weight.double().T + mlp.c_proj.bias.double()
+    assert torch.allclose(mlp(x).double(), want, atol=1e-5)
+    idx = torch.randint(0, 97, (2, 7))
+    z = m.lm_head(m.hidden(idx)).double()
+    logits, _ = m(idx)
+    assert torch.allclose(logits.double(), 2.0 * torch.tanh(z / 2.0), atol=1e-6)
+    assert logits.abs().max() < 2.0
+    with pytest.raises(ConfigError, match="logit_softcap"):
+        small(logit_softcap=-1.0)

@@ -77,3 +77,33 @@ def test_signal_stops_cleanly_without_orphaned_server(tmp_path, sig, code):
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     runs = _runs(tmp_path)
     assert runs["pipeline"].info.status == "KILLED" and runs["pretrain"].info.status == "KILLED"
+
+
+def test_editing_library_code_recomputes_the_stages_that_run_it(tmp_path):
+    """Cache keys hold the gptcore code each stage runs: an edit to gptcore/training/ (in a copy of the
+    tree) recomputes pretrain and what follows, while download, tokenizer and shards stay cache hits."""
+    import re
+    import shutil
+
+    repo = Path(__file__).resolve().parents[1]
+    copy = tmp_path / "tree"
+    for part in ("gptcore", "tasks", "flows", "configs"):
+        shutil.copytree(repo / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "tests").mkdir()
+    shutil.copy(repo / "tests" / "pipeline_fakes.py", copy / "tests" / "pipeline_fakes.py")
+    (tmp_path / "c.yaml").write_text("run: {name: code}\n")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", PYTHONPATH=str(copy))
+
+    def run() -> dict[str, str]:
+        r = subprocess.run([sys.executable, str(copy / "tests" / "pipeline_fakes.py"), "run", "c.yaml", *TINY],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return dict(re.findall(r"\[gptcore\] (\w+): (cached|computed)", r.stderr))
+
+    assert set(run().values()) == {"computed"}
+    assert set(run().values()) == {"cached"}
+    with open(copy / "gptcore" / "training" / "engine.py", "a") as f:
+        f.write("\n# an edit to the training engine\n")
+    st = run()
+    assert (st["download"], st["train_tokenizer"], st["shard"]) == ("cached",) * 3
+    assert st["pretrain"] == "computed" and st["finetune"] == "computed"

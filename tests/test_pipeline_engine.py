@@ -93,4 +93,5 @@ def test_pipeline_stages_run_on_two_ranks(tmp_path, gptcore_run):
     for stage in ("pretrain", "finetune"):
         _, runs = _stage_runs(tmp_path, stage)
         assert runs[-1].data.params["world_size"] == "2" and runs[-1].data.params["device"] == "cpu", stage
-    assert not [p for p in psutil.process_iter(["cmdline"]) if "gptcore.training.worker" in (p.info["cmdline"] or [])]
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "gptcore.training.worker" in (p.info["cmdline"] or [])
+                and any(str(tmp_path) in a for a in p.info["cmdline"])]

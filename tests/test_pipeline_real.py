@@ -112,6 +112,8 @@ def test_pipeline_run_is_in_mlflow_server_rest_api(tmp_path, run_cli):
         assert {"eval.json", "eval.txt", "samples.txt"} <= files
         metrics = {m["key"]: m["value"] for m in by_name["evaluate"]["data"]["metrics"]}
         assert metrics["unigram_bpb"] > 0 and metrics["val_bpb"] > 0
+        assert 0 <= metrics["parse_rate"] <= 1  # the code-aware metric reaches MLflow
+        assert "parse rate" in r.stdout  # and the summary table, beside bpb
         mv = api(base, "/api/2.0/mlflow/registered-models/alias?name=gptcore-pretrained&alias=champion")
         assert mv["model_version"]["version"] == "1"
 

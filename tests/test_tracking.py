@@ -76,23 +76,74 @@ def c(tmp_path_factory):
     return tracking.client(f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/m.db")
 
 
+def _logged(c, run_id: str) -> str:
+    """A (content-free) MLflow logged model of `run_id`, as a stage logs its model: what a version points at."""
+    return c.create_logged_model(c.get_run(run_id).info.experiment_id, source_run_id=run_id).model_id
+
+
 def test_promotion_gate_rules(c):
     exp = tracking.experiment_id(c, "gate")
     assert tracking.experiment_id(c, "gate") == exp
     run_id = tracking.start_run(c, exp, "r")
-    v1, new = tracking.register_version(c, "m", "file:///a", run_id, "sha1", "val_bpb", 2.0)
+    v1, new = tracking.register_version(c, "m", _logged(c, run_id), run_id, "sha1", "val_bpb", 2.0)
     assert new and v1 == "1"
-    assert tracking.register_version(c, "m", "file:///a", run_id, "sha1", "val_bpb", 2.0) == ("1", False)
+    assert tracking.register_version(c, "m", _logged(c, run_id), run_id, "sha1", "val_bpb", 2.0) == ("1", False)
     assert tracking.promotion_gate(c, "m", v1, "val_bpb", 2.0) == (True, "promoted: first champion (val_bpb=2.0000)")
-    v2, _ = tracking.register_version(c, "m", "file:///b", run_id, "sha2", "val_bpb", 2.0)
+    v2, _ = tracking.register_version(c, "m", _logged(c, run_id), run_id, "sha2", "val_bpb", 2.0)
     promoted, why = tracking.promotion_gate(c, "m", v2, "val_bpb", 2.0)  # a tie does not promote
     assert not promoted and why == "kept champion: val_bpb 2.0000 >= champion v1's 2.0000"
-    v3, _ = tracking.register_version(c, "m", "file:///c", run_id, "sha3", "val_bpb", 1.5)
+    v3, _ = tracking.register_version(c, "m", _logged(c, run_id), run_id, "sha3", "val_bpb", 1.5)
     assert tracking.promotion_gate(c, "m", v3, "val_bpb", 1.5)[0]
     assert str(c.get_model_version_by_alias("m", "champion").version) == v3
     assert str(c.get_model_version_by_alias("m", "candidate").version) == v3
     assert c.get_model_version("m", v2).tags["promotion"].startswith("kept champion")
     assert math.isclose(float(c.get_model_version("m", v3).tags["val_bpb"]), 1.5)
+
+
+def _register_seeds(c, name, recipe, values, run_id):
+    """One registered version per seed of `recipe`, each gated with gate_seeds=3; the last decision."""
+    out = None
+    for v in values:
+        ver, _ = tracking.register_version(c, name, _logged(c, run_id), run_id, f"{recipe}-{v}", "val_bpb", v, recipe=recipe)
+        out = tracking.promotion_gate(c, name, ver, "val_bpb", v, seeds=3, p=0.05, recipe=recipe)
+    return out
+
+
+def test_statistical_gate_refuses_noise_and_accepts_a_clear_win(c):
+    """gate_seeds=3: a recipe moves the champion only if its mean is lower at Welch p < gate_p."""
+    run_id = tracking.start_run(c, tracking.experiment_id(c, "stat-gate"), "r")
+    promoted, why = _register_seeds(c, "s", "base", [1.80], run_id)
+    assert not promoted and "1 of the 3 seeds" in why  # too few seeds: not even a first champion
+    promoted, why = _register_seeds(c, "s", "base", [1.82, 1.78], run_id)
+    assert promoted and "first champion" in why and "over 3 seeds" in why
+    champion = str(c.get_model_version_by_alias("s", "champion").version)
+
+    # better mean (1.79 < 1.80) but within the seed noise (std 0.02): refused, and the reason says why
+    promoted, why = _register_seeds(c, "s", "noisy", [1.77, 1.81, 1.79], run_id)
+    assert not promoted and why.startswith("kept champion") and "Welch p=" in why and ">= 0.05" in why
+    assert str(c.get_model_version_by_alias("s", "champion").version) == champion
+    # clearly better (1.70 ± 0.005): accepted
+    promoted, why = _register_seeds(c, "s", "clear", [1.700, 1.705, 1.695], run_id)
+    assert promoted and why.startswith("promoted") and "< 0.05" in why
+    winner = str(c.get_model_version_by_alias("s", "champion").version)
+    assert winner != champion and c.get_model_version("s", winner).tags["promotion"] == why
+
+
+def test_welch_p_matches_the_formula():
+    """Welch's t and Welch–Satterthwaite df written out, the tail from the t distribution's CDF."""
+    from scipy.stats import t as student_t
+
+    from gptcore.evaluation.stats import mean_std, welch_p
+
+    a, b = [1.77, 1.81, 1.79, 1.80], [1.80, 1.83, 1.78]
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    va, vb = sa ** 2 / len(a), sb ** 2 / len(b)
+    t = (ma - mb) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    assert welch_p(a, b) == pytest.approx(2 * student_t.sf(abs(t), df))
+    assert welch_p(a, b, "less") == pytest.approx(student_t.cdf(t, df))
+    assert mean_std([1.0, 3.0]) == (2.0, math.sqrt(2.0))
+    assert math.isnan(welch_p([1.0], [2.0, 3.0]))
 
 
 def test_log_params_accepts_more_than_one_batch(c):

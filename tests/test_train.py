@@ -284,6 +284,37 @@ def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path, run_cli, kill
     assert got == want
 
 
+def test_muon_trains_hidden_matrices_and_resumes_to_the_bit(data_dir, tmp_path):
+    """train.optimizer=muon: torch.optim.Muon holds exactly the blocks' 2-D weights, AdamW the rest,
+    and a run resumed from a checkpoint ends bit-identical to an uninterrupted one."""
+    import shutil
+
+    from gptcore.model.gpt import GPTConfig, build_model
+    from gptcore.training.optim import build_optimizer
+
+    model = build_model(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16, tie_embeddings=False))
+    muon, adamw = build_optimizer(model, lr=1e-2, kind="muon")
+    assert type(muon) is torch.optim.Muon and type(adamw) is torch.optim.AdamW
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {by_id[id(p)] for g in muon.param_groups for p in g["params"]}
+    in_adamw = {by_id[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert in_muon == {n for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("transformer.h.")}
+    assert {"transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight", "transformer.ln_f.weight"} <= in_adamw
+    assert in_muon.isdisjoint(in_adamw) and len(in_muon | in_adamw) == len(list(model.parameters()))
+
+    cfg = make_config(max_steps=12, optimizer="muon", keep_last=5)
+    ref = run(cfg, data_dir, tmp_path / "ref")
+    out = tmp_path / "run"
+    run(cfg, data_dir, out)
+    shutil.rmtree(out / "checkpoints" / "step_000012")
+    shutil.rmtree(out / "final")
+    s = run(cfg, data_dir, out)  # resumes from step 8: Muon's momentum and AdamW's moments restored
+    assert s["resumed_from_step"] == 8 and s["train_loss"] == ref["train_loss"]
+    assert sha256_file(Path(s["final_dir"]) / "model.safetensors") == sha256_file(Path(ref["final_dir"]) / "model.safetensors")
+    adam_run = run(make_config(max_steps=12), data_dir, tmp_path / "adamw")
+    assert adam_run["train_loss"] != ref["train_loss"]  # the optimizer setting did change the run
+
+
 def test_stale_temp_folder_and_torn_metrics_line_are_ignored(data_dir, tmp_path):
     ref = run(make_config(max_steps=8), data_dir, tmp_path / "ref")
     out = tmp_path / "run"

@@ -126,7 +126,7 @@ def load_hf_gpt2(path: str | Path, device="cpu") -> GPT:
 def check_gpt2_compatible(config: GPTConfig) -> None:
     """Raise ConfigError if GPT2LMHeadModel cannot hold this architecture."""
     wrong = {k: getattr(config, k) for k, want in dict(norm="layernorm", mlp="gelu", pos="learned", qk_norm=False,
-                                                       bias=True, tie_embeddings=True).items()
+                                                       bias=True, tie_embeddings=True, logit_softcap=None).items()
              if getattr(config, k) != want}
     if config.n_kv_head != config.n_head:
         wrong["n_kv_head"] = config.n_kv_head

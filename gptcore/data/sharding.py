@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
 import signal
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -36,6 +38,7 @@ from gptcore.errors import DataError
 from gptcore.fileio import atomic_write_json, remove_stale_temps, sha256_file
 from gptcore.progress import progress_bar
 from gptcore.reads import Reads, view_hash
+from gptcore.tokenizer.base import _fix_surrogates
 from gptcore.data.shards import read_shard, read_shard_header, token_dtype, write_shard  # noqa: F401  (re-exported)
 from gptcore.data.sources import (  # noqa: F401  (re-exported)
     cap_bytes,
@@ -66,37 +69,75 @@ def split_of(text: str, val_fraction: float) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# tokenizing, in worker processes
+# tokenizing: tiktoken in threads (the fast path), or our own encoder in worker processes
+#
+# Both paths run the same `_encode_docs` over the same batches; only `encode` differs. tiktoken
+# (Rust) releases the GIL while it encodes, so plain threads share one copy of the vocabulary:
+# nothing to fork, pickle or send back. Our encoder is pure Python, so it needs processes.
 
-
+ENCODERS = ("auto", "tiktoken", "gptcore")  # prepare_shards(encoder=...): auto = tiktoken where it can
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer, dtype) -> None:
+def _init_worker(encode, eot: int, dtype) -> None:
     # Ctrl-C is the parent's to handle (it terminates the pool); SIGTERM from terminate() just ends us
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _WORKER.update(tokenizer=tokenizer, dtype=dtype)
+    _WORKER.update(encode=encode, eot=eot, dtype=dtype)
 
 
-def _encode_docs(docs: list[str], first: int, val_fraction: float, skip_before: dict, tokenizer=None, dtype=None) -> list:
+def _encode_docs(docs: list[str], first: int, val_fraction: float, skip_before: dict, encode=None, eot=None, dtype=None) -> list:
     """Hash, split and tokenize a batch of documents numbered first, first+1, ...
 
-    Returns per document (blake2b digest, UTF-8 bytes, split, ids) with ids = [eot, *tokens] as a
-    uint16/uint32 array, or None for a document a resumed run already wrote (index < skip_before).
+    Returns per document (blake2b digest, UTF-8 bytes, split, ids) with ids = [eot, *encode(text)]
+    as a uint16/uint32 array, or None for a document a resumed run already wrote (index < skip_before).
     """
-    tokenizer = tokenizer or _WORKER["tokenizer"]
-    dtype = dtype or _WORKER["dtype"]
-    eot = tokenizer.eot_id
+    if encode is None:  # in a worker process
+        encode, eot, dtype = _WORKER["encode"], _WORKER["eot"], _WORKER["dtype"]
     out = []
     for i, text in enumerate(docs, first):
         data = text.encode("utf-8")
         digest, split = hash_split(data, val_fraction)
         ids = None
         if i >= skip_before[split]:
-            ids = np.array([eot, *tokenizer.encode_ordinary(text)], dtype=dtype)
+            toks = encode(text)
+            ids = np.empty(len(toks) + 1, dtype=dtype)
+            ids[0], ids[1:] = eot, toks
         out.append((digest, len(data), split, ids))
     return out
+
+
+def tiktoken_encode(enc):
+    """text -> ids (uint32 array) through a tiktoken Encoding, exactly its `encode_ordinary`.
+
+    `encode_to_numpy` with no special tokens allowed or disallowed encodes them as ordinary text, like
+    encode_ordinary, without building a Python list; lone surrogates are replaced as tiktoken does.
+    """
+    def encode(text: str) -> np.ndarray:
+        try:
+            return enc.encode_to_numpy(text, disallowed_special=())
+        except UnicodeEncodeError:
+            return enc.encode_to_numpy(_fix_surrogates(text), disallowed_special=())
+
+    return encode
+
+
+def encoder_for(tokenizer, encoder: str = "auto"):
+    """(encode, name): the function `prepare_shards` tokenizes with, and which one it is.
+
+    "auto" takes tiktoken whenever the tokenizer can be expressed as a tiktoken Encoding with the
+    same ids (`BPETokenizer.fast_encoder()`); "gptcore" always takes our own `encode_ordinary`
+    (the readable reference); "tiktoken" insists on the fast path.
+    """
+    if encoder not in ENCODERS:
+        raise DataError(f"unknown encoder {encoder!r}", "encoder", f"use one of {', '.join(ENCODERS)}")
+    enc = getattr(tokenizer, "fast_encoder", lambda: None)() if encoder != "gptcore" else None
+    if enc is not None:
+        return tiktoken_encode(enc), "tiktoken"
+    if encoder == "tiktoken":
+        raise DataError("this tokenizer cannot be expressed as a tiktoken Encoding (not installed, or a custom split)",
+                        "encoder", "pip install tiktoken, or use encoder='gptcore'")
+    return tokenizer.encode_ordinary, "gptcore"
 
 
 def _batches(documents: Iterable[str], batch_bytes: int = 1 << 16, batch_docs: int = 256) -> Iterator[tuple[int, list[str]]]:
@@ -113,37 +154,41 @@ def _batches(documents: Iterable[str], batch_bytes: int = 1 << 16, batch_docs: i
 
 
 @contextlib.contextmanager
-def _worker_pool(num_proc: int, tokenizer, dtype):
-    """A pool of `num_proc` tokenizing processes (None for one: tokenize in this process).
+def _workers(num_proc: int, encode, threads: bool, eot: int, dtype):
+    """submit(docs, first, val_fraction, skip_before) -> a function that waits for that batch's result,
+    run by `num_proc` threads (threads=True: a GIL-free encoder) or processes; None for one (run here).
 
-    Forked where the OS can (the children inherit everything, nothing is re-imported), and made
-    before any progress-bar or streaming thread starts. The tokenizer goes to each worker once.
+    Processes are forked where the OS can (nothing is re-imported, the vocabulary is inherited) and
+    made before any progress-bar or streaming thread starts.
     """
     if num_proc <= 1:
         yield None
-        return
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer, dtype)) as pool:
-        yield pool
+    elif threads:
+        with ThreadPoolExecutor(num_proc, thread_name_prefix="gptcore-shard") as ex:
+            yield lambda *args: ex.submit(_encode_docs, *args, encode, eot, dtype).result
+    else:
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ctx.Pool(num_proc, initializer=_init_worker, initargs=(encode, eot, dtype)) as pool:
+            yield lambda *args: pool.apply_async(_encode_docs, args).get
 
 
-def _encoded(documents, pool, ahead: int, tokenizer, dtype, val_fraction, skip_before) -> Iterator[tuple]:
-    """Per document, in corpus order: (digest, bytes, split, ids), tokenized by `pool` (or here).
+def _encoded(documents, submit, ahead: int, encode, eot, dtype, val_fraction, skip_before) -> Iterator[tuple]:
+    """Per document, in corpus order: (digest, bytes, split, ids), tokenized by the workers (or here).
 
     At most `ahead` batches are in flight, so memory stays bounded however large the corpus
     (Pool.imap would read the whole input ahead).
     """
-    if pool is None:
+    if submit is None:
         for first, docs in _batches(documents):
-            yield from _encode_docs(docs, first, val_fraction, skip_before, tokenizer, dtype)
+            yield from _encode_docs(docs, first, val_fraction, skip_before, encode, eot, dtype)
         return
     inflight: deque = deque()
     for first, docs in _batches(documents):
-        inflight.append(pool.apply_async(_encode_docs, (docs, first, val_fraction, skip_before)))
+        inflight.append(submit(docs, first, val_fraction, skip_before))
         if len(inflight) >= ahead:
-            yield from inflight.popleft().get()
+            yield from inflight.popleft()()
     while inflight:
-        yield from inflight.popleft().get()
+        yield from inflight.popleft()()
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,12 +285,14 @@ def prepare_shards(
     extra: dict | None = None,
     progress: bool | None = None,
     total_bytes: int | None = None,
+    encoder: str = "auto",
 ) -> dict:
     """Tokenize `documents` into train/val shards plus manifest.json in `out_dir`; return the manifest.
 
     Every document becomes [eot, *tokens]. `extra` (JSON) is stored in the manifest's settings:
     a resume only reuses shards written under identical settings. `total_bytes` (e.g. max_bytes)
-    only sizes the progress bar, which shows bytes read and tokens written.
+    only sizes the progress bar, which shows bytes read and tokens written. `encoder` (ENCODERS):
+    tiktoken in threads where it gives our ids, else our encoder in processes — the same shards.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -259,6 +306,8 @@ def prepare_shards(
         raise DataError(f"val_fraction {val_fraction} is not between 0 and 1", "data.val_fraction", "use e.g. 0.02")
     num_proc = num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     dtype = token_dtype(tokenizer.vocab_size)
+    encode, used = encoder_for(tokenizer, encoder)
+    eot = tokenizer.eot_id
     tok_sha = tokenizer.sha256  # read once: some tokenizers hash their content on every access
     settings = {
         "source": source, "tokenizer_sha256": tok_sha, "vocab_size": tokenizer.vocab_size,
@@ -299,15 +348,15 @@ def prepare_shards(
 
     def emit(i, split, nbytes, ids) -> None:
         if ids is None and i >= writers[split].cursor[0]:  # skipped by the worker, needed after all
-            ids = np.array([tokenizer.eot_id, *tokenizer.encode_ordinary(last_text)], dtype=dtype)
+            ids = _encode_docs([last_text], i, val_fraction, dict.fromkeys(SPLITS, 0), encode, eot, dtype)[0][3]
         if writers[split].add(i, nbytes, ids):
             atomic_write_json(manifest_path, manifest(False))
 
     atomic_write_json(manifest_path, manifest(False))
     pending = None  # one document of look-ahead: the last one may still have to change split
-    with _worker_pool(num_proc, tokenizer, dtype) as pool, \
+    with _workers(num_proc, encode, used == "tiktoken", eot, dtype) as submit, \
             progress_bar(total_bytes, f"sharding {source}", unit="B", enabled=progress) as bar:
-        for digest, nbytes, split, ids in _encoded(texts(), pool, 2 * num_proc, tokenizer, dtype, val_fraction, skip_before):
+        for digest, nbytes, split, ids in _encoded(texts(), submit, 2 * num_proc, encode, eot, dtype, val_fraction, skip_before):
             chain.update(digest)
             seen += 1
             if check and seen == check["documents"] and chain.hexdigest() != check["digest"]:
@@ -368,10 +417,9 @@ def prepare(config, out_dir: str | Path, progress: bool | None = None) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)
-    probe = iter_documents(config.data)  # fail fast (before training a tokenizer) on an empty source
-    empty = next(probe, None) is None
-    probe.close()
-    if empty:
+    docs = iter_documents(config.data)  # fail fast (before training a tokenizer) on an empty source
+    first = next(docs, None)
+    if first is None:
         raise DataError("the source yielded no documents", config.data.source,
                         "point data.source at non-empty text (or raise data.max_bytes)")
     from gptcore import tokenizer as tok_mod
@@ -389,7 +437,8 @@ def prepare(config, out_dir: str | Path, progress: bool | None = None) -> dict:
     if not same:
         tokenizer.save(tok_dir)
     d = config.data
-    return prepare_shards(iter_documents(d), tokenizer, out_dir, shard_tokens=d.shard_tokens, val_fraction=d.val_fraction,
+    docs = itertools.chain([first], docs)  # the probed stream itself: the source is opened (walked) once
+    return prepare_shards(docs, tokenizer, out_dir, shard_tokens=d.shard_tokens, val_fraction=d.val_fraction,
                           num_proc=d.num_proc, source=d.source, extra={"config_sha256": config_sha}, progress=progress,
                           total_bytes=d.max_bytes)
 

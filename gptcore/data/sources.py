@@ -49,11 +49,11 @@ def python_stdlib_documents() -> Iterator[str]:
     of the library) are left out: they are machine output, and a small model learns to recite them.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
-    names = [
-        ("file:" + p.relative_to(root).as_posix(), p)
-        for p in root.rglob("*.py")
-        if not (_STDLIB_SKIP & set(p.relative_to(root).parts[:-1]))
-    ]
+    names = []
+    for folder, dirs, files in os.walk(root):  # pruned walk: never descends into site-packages or tests
+        dirs[:] = [d for d in dirs if d not in _STDLIB_SKIP]
+        rel = Path(folder).relative_to(root)
+        names += [("file:" + (rel / f).as_posix(), Path(folder, f)) for f in files if f.endswith(".py")]
     try:
         from pydoc_data.topics import topics
     except ImportError:  # some distributions strip pydoc_data

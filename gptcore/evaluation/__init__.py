@@ -5,3 +5,9 @@
     scoring.py   log p(continuation | context), batched: the primitive both build on
     lm_eval.py   an adapter so EleutherAI's lm-evaluation-harness can score our models
 """
+
+from gptcore.reads import Reads
+
+# what the recipe reads (gptcore/reads.py), declared here without torch so the pipeline can key a
+# cached stage without importing the engine; evaluate.py re-exports it as READS
+READS = Reads(keys=("eval",))

@@ -9,6 +9,11 @@ the baselines it has to beat, plus samples and multiple-choice accuracy.
     unigram    the same bits/byte for a model that ignores context: token frequencies of the
                training shards with add-one smoothing, p(t) = (count(t) + 1) / (N + V)
     previous   the bits/byte the previous best model got (its eval.json), when given
+    parse rate the fraction of sampled continuations (every eval prompt × seed, `eval.sample_tokens`
+               tokens each) that are valid Python: prompt + continuation, cut after its last complete
+               line, dedented, accepted by `compile(..., "exec")`. The builtin corpus is Python, so
+               this is a quality signal a learner can read: bpb says how well the model predicts,
+               parse rate whether what it writes is code.
 
 Multiple choice (HellaSwag style): each ending is scored by the log-likelihood of its tokens given
 the context; `acc` picks the highest sum, `acc_norm` the highest sum per byte of the ending.
@@ -17,9 +22,12 @@ the context; `acc` picks the highest sum, `acc_norm` the highest sum per byte of
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import math
+import textwrap
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -27,13 +35,12 @@ import numpy as np
 import torch
 
 from gptcore.errors import DataError
-from gptcore.reads import Reads
 from gptcore.evaluation.scoring import continuation_logprobs
 
 LN2 = math.log(2)
 
 # what `evaluate_checkpoint` reads from a config (gptcore/reads.py)
-READS = Reads(keys=("eval",))
+from gptcore.evaluation import READS  # noqa: E402,F401  (declared in the package, torch-free: a cached pipeline run never imports torch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +241,34 @@ def samples(model, tokenizer, prompts: Sequence[str], seeds: Sequence[int], max_
     return out
 
 
+def complete_lines(text: str) -> str:
+    """`text` up to and including its last newline: a sample cut mid-line loses the partial line.
+
+        complete_lines("x = 1\ny = (") == "x = 1\n";   complete_lines("def f(") == ""
+    """
+    return text[: text.rfind("\n") + 1]
+
+
+def parses(code: str) -> bool:
+    """Whether `code` (after `textwrap.dedent`) compiles as a Python module; empty code does not count."""
+    code = textwrap.dedent(code)
+    if not code.strip():
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. SyntaxWarning for "\d" in a sampled string
+            compile(code, "<sample>", "exec", flags=ast.PyCF_ONLY_AST, dont_inherit=True)
+        return True
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return False
+
+
+def parse_rate(samples_: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """{"parse_rate": fraction of samples whose prompt + text, cut at the last complete line, parse; "n"}."""
+    ok = [parses(complete_lines(s["prompt"] + s["text"])) for s in samples_]
+    return {"parse_rate": sum(ok) / len(ok) if ok else float("nan"), "n": len(ok)}
+
+
 # ---------------------------------------------------------------------------------------------
 # the evaluate verb
 
@@ -276,6 +311,7 @@ def evaluate_checkpoint(
             result["tasks"]["val"] = vm
         elif task == "samples":
             result["tasks"]["samples"] = samples(model, tokenizer, ev.prompts, ev.seeds, ev.sample_tokens, ev.temperature, ev.top_k)
+            result["tasks"]["code"] = parse_rate(result["tasks"]["samples"])
         elif task.startswith("mc:"):
             result["tasks"][task] = multiple_choice(model, tokenizer, load_mc_jsonl(task[3:]))
         elif task == "hellaswag":
@@ -308,6 +344,9 @@ def format_report(result: dict[str, Any]) -> str:
             f"{'perplexity':<16}{val['val_ppl']:>12.2f}{'':>12}{_fmt(prev.get('val_ppl'), 2):>12}",
             f"{'bits per byte':<16}{val['val_bpb']:>12.4f}{val['unigram_bpb']:>12.4f}{_fmt(prev.get('val_bpb')):>12}",
         ]
+    code = result["tasks"].get("code")
+    if code:
+        lines.append(f"{'parse rate':<16}{code['parse_rate']:>12.3f}   of {code['n']} samples that compile as Python")
     for name, r in result["tasks"].items():
         if name.startswith("mc:") or name == "hellaswag":
             lines.append(f"{name:<16}acc {r['acc']:.3f}  acc_norm {r['acc_norm']:.3f}  (n={r['n']})")

@@ -39,22 +39,12 @@ from gptcore.fileio import atomic_dir, atomic_write_json, atomic_write_text, sha
 from gptcore.finetuning.objectives import (Trainee, classify_report, eval_loss, format_confusion,
                                            format_samples, instruct_samples)
 from gptcore.model.lora import DEFAULT_TARGETS, apply_lora, merge_lora, save_adapter
-from gptcore.reads import Reads
 from gptcore.training import distributed as D
 from gptcore.training import engine
 from gptcore.training.devices import autocast, autocast_dtype, flag, resolve_device
 from gptcore.training.optim import build_optimizer
 
-READS = Reads(
-    keys=("run.seed", "finetune", "train.grad_clip", "train.beta1", "train.beta2", "train.dtype", "train.device",
-          "train.num_threads", "train.max_bad_steps", "train.keep_last", "train.progress", "eval.sample_tokens",
-          "train.nproc_per_node", "train.nnodes", "train.node_rank", "train.rdzv_endpoint", "train.node_deployment", "train.fsdp"),
-    cadence=("finetune.log_every", "finetune.eval_every", "finetune.ckpt_every", "train.keep_last", "train.progress",
-             "train.max_bad_steps", "train.node_rank", "train.rdzv_endpoint", "train.node_deployment"),
-    extend=("finetune.max_steps",),
-    report=("finetune.eval_batches", "finetune.num_samples", "eval.sample_tokens"),
-    files=("finetune.dataset",),
-)
+from gptcore.finetuning import READS  # noqa: E402,F401  (declared in the package, torch-free: a cached pipeline run never imports torch)
 
 
 # --------------------------------------------------------------------------------------------

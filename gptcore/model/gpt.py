@@ -12,7 +12,6 @@ Shapes: B batch, T time (tokens), C channels (n_embd), nh heads, nkv key/value h
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 from typing import Iterator
 
 import torch
@@ -24,82 +23,10 @@ from gptcore.errors import ConfigError
 
 
 # ----------------------------------------------------------------------------- config
+# GPTConfig and PRESETS live in model/gptconfig.py (plain data, no torch), so reading a config file
+# — `gptcore prepare`, a cached `gptcore run` — never pays for importing torch.
 
-POSITIONS = ("learned", "rope")  # a wpe table, or rotary inside attention
-ATTN_IMPLS = ("sdpa", "math")  # the fused kernel, or the written-out softmax(QK^T/sqrt(hs))V
-
-@dataclass
-class GPTConfig:
-    vocab_size: int = 50257
-    block_size: int = 1024  # longest sequence the model sees (learned positions stop here)
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True  # biases in Linears and LayerNorms, as GPT-2
-    norm: str = "layernorm"  # NORMS
-    mlp: str = "gelu"  # MLPS
-    pos: str = "learned"  # "learned" (wpe table) | "rope" (rotary, inside attention)
-    n_kv_head: int | None = None  # grouped-query attention; None = n_head (plain multi-head)
-    qk_norm: bool = False  # RMS-normalise queries and keys per head before the dot product
-    tie_embeddings: bool = True  # lm_head.weight is wte.weight
-    attn_impl: str = "sdpa"  # "sdpa" (fused kernel) | "math" (written out)
-    rope_theta: float = 10000.0
-
-    def __post_init__(self) -> None:
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
-        checks = [
-            (self.n_embd % self.n_head == 0, "n_embd", "n_embd must be a multiple of n_head"),
-            (self.n_head % self.n_kv_head == 0, "n_kv_head", "n_head must be a multiple of n_kv_head"),
-            (self.norm in NORMS, "norm", f"choose one of {sorted(NORMS)}"),
-            (self.mlp in MLPS, "mlp", f"choose one of {sorted(MLPS)}"),
-            (self.pos in POSITIONS, "pos", f"choose one of {POSITIONS}"),
-            (self.attn_impl in ATTN_IMPLS, "attn_impl", f"choose one of {ATTN_IMPLS}"),
-            (self.pos != "rope" or (self.n_embd // self.n_head) % 2 == 0, "pos", "rope needs an even head size"),
-            (min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_kv_head) > 0,
-             "model", "sizes must be positive"),
-        ]
-        for ok, where, fix in checks:
-            if not ok:
-                raise ConfigError(f"invalid model config {self.to_dict()}", f"model.{where}", fix)
-
-    @property
-    def head_size(self) -> int:
-        return self.n_embd // self.n_head
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config keys {unknown}", "config.json", f"known keys: {sorted(known)}")
-        return cls(**d)
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "GPTConfig":
-        """A named size, e.g. `GPTConfig.preset("gpt2-medium")`, with any field overridden."""
-        if name not in PRESETS:
-            raise ConfigError(f"unknown model preset {name!r}", "model.preset", f"choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
-
-
-PRESETS: dict[str, dict] = {
-    # OpenAI's four GPT-2 sizes (vocab 50257, context 1024)
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-    # CPU-sized
-    "tiny": dict(n_layer=4, n_head=4, n_embd=256, block_size=256),
-    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
-    # the Llama recipe at `small` size: RMSNorm, SwiGLU, rotary positions, 3 query heads per kv head
-    "llama-style": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, n_kv_head=2, norm="rmsnorm",
-                        mlp="swiglu", pos="rope", bias=False, tie_embeddings=False),
-}
+from gptcore.model.gptconfig import ATTN_IMPLS, MLP_NAMES, NORM_NAMES, POSITIONS, PRESETS, GPTConfig  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------- norms
@@ -141,6 +68,7 @@ class RMSNorm(nn.Module):
 
 
 NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}
+assert tuple(NORMS) == NORM_NAMES, "list a new norm in gptconfig.NORM_NAMES too"
 
 
 # ----------------------------------------------------------------------------- positions
@@ -272,7 +200,18 @@ class SwiGLU(nn.Module):
         return self.dropout(self.c_proj(F.silu(gate) * up))
 
 
-MLPS = {"gelu": MLP, "swiglu": SwiGLU}
+class ReLU2(MLP):
+    """The squared-ReLU feed-forward (So et al. 2021, "Primer"; modded-nanogpt): widen 4x, relu(h)², project back.
+
+    GPT-2's MLP with another nonlinearity: relu(h)² is cheaper than GELU and learned faster in Primer's search.
+    """
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.relu(self.c_fc(x)).square()))
+
+
+MLPS = {"gelu": MLP, "swiglu": SwiGLU, "relu2": ReLU2}
+assert tuple(MLPS) == MLP_NAMES, "list a new MLP in gptconfig.MLP_NAMES too"
 
 
 # ----------------------------------------------------------------------------- block and model
@@ -379,10 +318,17 @@ class GPT(nn.Module):
             kv_cache.pos += T
         return self.transformer.ln_f(x)
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (..., V) of hidden states h (..., C); with `logit_softcap` c they are
+        squashed smoothly into (−c, c): c · tanh(z / c) ≈ z for |z| ≪ c, so no logit runs away."""
+        z = self.lm_head(h)
+        cap = self.config.logit_softcap
+        return z if cap is None else cap * torch.tanh(z / cap)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None):
         """Logits (B, T, vocab) for every position, and the mean cross-entropy against targets (B, T)
         if given (positions with target -100 are ignored), else None."""
-        logits = self.lm_head(self.hidden(idx, kv_cache))  # (B, T, V)
+        logits = self.logits(self.hidden(idx, kv_cache))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
@@ -418,7 +364,7 @@ class GPT(nn.Module):
                 else:
                     cache = None
                     h = self.hidden(seq[:, -cfg.block_size:])[:, -1]
-                logits = self.lm_head(h).float()  # (B, V)
+                logits = self.logits(h).float()  # (B, V)
                 tok = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
                 if eos_id is not None:
                     tok = torch.where(done[:, None], torch.full_like(tok, eos_id), tok)

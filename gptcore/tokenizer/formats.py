@@ -46,8 +46,10 @@ def read_gpt2_files(encoder_json: str | Path, vocab_bpe: str | Path) -> tuple[li
         raise CheckpointError(f"cannot read GPT-2 vocabulary: {exc}", f"{encoder_json}, {vocab_bpe}",
                               "pass the encoder.json and vocab.bpe of a GPT-2 model") from None
 
+    latin1 = {ord(c): b for c, b in byte_of.items()}  # str.translate + latin-1: one C call per token
+
     def to_bytes(s: str) -> bytes:
-        return bytes(byte_of[c] for c in s)
+        return s.translate(latin1).encode("latin-1")
 
     special = {s: i for s, i in encoder.items() if s == ENDOFTEXT}
     ids = {to_bytes(s): i for s, i in encoder.items() if s not in special}
@@ -62,8 +64,9 @@ def read_gpt2_files(encoder_json: str | Path, vocab_bpe: str | Path) -> tuple[li
         if not line.strip() or line.startswith("#version"):
             continue
         x, y = line.split(" ")
-        a, b = ids[to_bytes(x)], ids[to_bytes(y)]
-        if ids.get(to_bytes(x + y)) != 256 + len(merges):
+        bx, by = to_bytes(x), to_bytes(y)
+        a, b = ids[bx], ids[by]
+        if ids.get(bx + by) != 256 + len(merges):
             raise CheckpointError(f"merge {line!r} does not create token {256 + len(merges)}", str(vocab_bpe))
         merges.append((a, b))
     return merges, special, order

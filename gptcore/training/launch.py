@@ -173,7 +173,7 @@ def launch(engine: str, config, args: Sequence[str], out_dir: str | Path, nproc:
 
     `out_dir` is the engine's output folder (it gets `.launch/` with the config, logs and errors);
     `callbacks` receive each metrics row as it is written. Raises GptcoreError when a rank fails."""
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # absolute in every rank's command line
     launch_dir = launch_dir_of(out_dir, config.train)
     launch_dir.mkdir(parents=True, exist_ok=True)
     for stale in launch_dir.glob("error-rank*.json"):

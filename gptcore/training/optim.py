@@ -1,7 +1,15 @@
 """The optimizer and the learning-rate schedule, shared by pre-training and fine-tuning.
 
 AdamW with weight decay on matrices only (embeddings and linear weights); biases and norm gains
-are not decayed, as in GPT-2/nanoGPT. Two schedules, both starting with a linear warmup:
+are not decayed, as in GPT-2/nanoGPT. `train.optimizer: muon` hands the 2-D weight matrices inside
+the transformer blocks to `torch.optim.Muon` (Jordan et al. 2024, the modded-nanogpt speedrun):
+momentum, then the update orthogonalised by 5 Newton–Schulz steps, O ≈ U Vᵀ of the momentum's
+SVD U S Vᵀ, so every direction of the matrix moves by the same amount. Embeddings, the output head
+and the 1-D gains and biases stay on AdamW (Muon is for hidden matrices only). Muon's step is
+rescaled by 0.2·√max(A, B) ("match_rms_adamw", Liu et al. 2025, "Muon is Scalable for LLM
+Training") so both optimizers share `train.lr`, `train.weight_decay` and the schedule.
+
+Two schedules, both starting with a linear warmup:
 
     lr(step) = lr · (step+1)/warmup                                   step < warmup
     cosine   = min_lr + ½ (lr − min_lr) (1 + cos(π · progress))       after, progress ∈ [0, 1]
@@ -21,6 +29,41 @@ import math
 import torch
 
 
+OPTIMIZERS = ("adamw", "muon")
+
+
+class Optimizers:
+    """Several optimizers stepped as one (Muon for hidden matrices + AdamW for the rest).
+
+    The engine sees one optimizer: `step`, `zero_grad`, `param_groups` (the schedule sets each
+    group's lr). Iterating yields the parts, which is what torch.distributed.checkpoint's
+    `get_optimizer_state_dict` takes, so checkpoints and resume work unchanged.
+    """
+
+    def __init__(self, *parts: torch.optim.Optimizer):
+        self.parts = parts
+
+    def __iter__(self):
+        return iter(self.parts)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.parts for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.parts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None) -> None:
+        for o in self.parts:
+            o.step()
+
+
+def hidden_matrices(model: torch.nn.Module) -> list[str]:
+    """Names of the trainable 2-D weights inside the transformer blocks: Muon's share of the model."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and p.ndim == 2 and ".h." in f".{n}"]
+
+
 def build_optimizer(
     model: torch.nn.Module,
     lr: float,
@@ -28,9 +71,24 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     device_type: str = "cpu",
-) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters: 2-D+ tensors decay, 1-D tensors (bias, norms) don't."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    kind: str = "adamw",
+) -> torch.optim.AdamW | Optimizers:
+    """AdamW over the trainable parameters: 2-D+ tensors decay, 1-D tensors (bias, norms) don't.
+
+    kind="muon": `torch.optim.Muon` for `hidden_matrices(model)`, AdamW as above for the rest.
+    """
+    if kind == "muon":
+        names = set(hidden_matrices(model))
+        named = dict(model.named_parameters())
+        muon = torch.optim.Muon([named[n] for n in sorted(names)], lr=lr, weight_decay=weight_decay,
+                                momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
+        rest = [p for n, p in named.items() if p.requires_grad and n not in names]
+        return Optimizers(muon, _adamw(rest, lr, weight_decay, betas, eps, device_type))
+    return _adamw([p for p in model.parameters() if p.requires_grad], lr, weight_decay, betas, eps, device_type)
+
+
+def _adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
+           device_type: str) -> torch.optim.AdamW:
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [

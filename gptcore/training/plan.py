@@ -94,21 +94,6 @@ def model_config(config, vocab_size: int | None = None):
     return GPTConfig.preset(config.model.preset, **over)
 
 
-def check_config(config) -> None:
-    """Everything that can be checked before any work: the model shape (n_embd % n_head, rope's even
-    head size, ...: GPTConfig's own checks, with the vocabulary the tokenizer section will give),
-    train.block_size within model.block_size, and the fine-tuning precision rules."""
-    gcfg = model_config(config)  # raises ConfigError naming the model.* key
-    T = config.train.block_size or gcfg.block_size
-    if T > gcfg.block_size:
-        raise ConfigError(f"train.block_size {T} exceeds model.block_size {gcfg.block_size}", "train.block_size",
-                          "lower it or raise model.block_size")
-    ft = config.finetune
-    if ft.base_dtype == "bfloat16" and ft.method == "full":
-        raise ConfigError("full fine-tuning keeps float32 master weights", "finetune.base_dtype",
-                          "use base_dtype auto/float32 with method full, or method lora")
-
-
 def _memory(gcfg, P: int, B: int, T: int, world: int, act_bytes: int, ckpt: bool, fsdp: bool) -> dict[str, float]:
     L, C, H, V = gcfg.n_layer, gcfg.n_embd, gcfg.n_head, gcfg.vocab_size
     shard = world if fsdp else 1
@@ -242,17 +227,24 @@ def memory_estimate(config, gcfg, device_bf16: bool = True) -> dict[str, float]:
         activations   checkpointing: one (B, T, C) input per block + one block recomputed (~34·BTC bytes);
                       otherwise ~34·BTC bytes per block (bf16, flash/SDPA attention: no T² term)
         logits        B·T·V · (2 bf16 + 4 fp32 copy + 4 its grad)
+        runtime       on a CPU, the process itself (Python, torch's libraries): ~0.4 GiB, measured
+
+    Precision as the run will have it: the base is bf16 with `finetune.base_dtype: bfloat16`, or by
+    default for LoRA on a bf16 GPU; activations are bf16 on a GPU, or on a CPU with `train.dtype: bfloat16`.
+    (Checked against a measured GPT-2 XL LoRA run on CPU: tests/test_scale_xl.py.)
     """
     ft = config.finetune
     P = _gpt_params(gcfg)
-    act = 2 if device_bf16 else 4
+    act = 2 if (device_bf16 or config.train.dtype == "bfloat16") else 4
     B, T, C, L, V = ft.batch_size, min(ft.max_len or gcfg.block_size, gcfg.block_size), gcfg.n_embd, gcfg.n_layer, gcfg.vocab_size
     lora = ft.method == "lora"
-    wbytes = 2 if (lora and device_bf16 and ft.base_dtype != "float32") else 4
+    bf16_base = ft.base_dtype == "bfloat16" or (ft.base_dtype == "auto" and lora and device_bf16)
+    wbytes = 2 if bf16_base else 4
     trained = lora_param_count(gcfg, ft.rank, ft.targets or DEFAULT_TARGETS) if lora else P
     per_block = 17 * act * B * T * C
     acts = (L * act * B * T * C + per_block) if ft.activation_checkpointing else L * per_block
-    out = {"weights": P * wbytes, "trainable_state": 16 * trained, "activations": acts, "logits": B * T * V * (act + 8)}
+    out = {"weights": P * wbytes, "trainable_state": 16 * trained, "activations": acts, "logits": B * T * V * (act + 8),
+           "runtime": 0 if device_bf16 else 0.4 * GiB}
     out["total"] = sum(out.values())
     out["trainable_params"] = trained
     out["params"] = P
@@ -314,7 +306,7 @@ def plan_finetune(config, gpu: str | None = None) -> dict[str, Any]:
         "method": ft.method,
         "device": name,
         "device_memory_gib": mem_gib,
-        "memory_gib": {k: mem[k] / GiB for k in ("weights", "trainable_state", "activations", "logits", "total")},
+        "memory_gib": {k: mem[k] / GiB for k in ("weights", "trainable_state", "activations", "logits", "runtime", "total")},
         "usable_gib": usable / GiB,
         "fits": mem["total"] <= usable,
         "configured": configured,
@@ -330,7 +322,8 @@ def format_plan_finetune(p: dict[str, Any]) -> str:
         ("parameters", f"{p['params'] / 1e6:,.1f} M, trained {p['trainable_params'] / 1e6:,.2f} M ({p['method']})"),
         ("device", f"1 × {p['device']} ({p['device_memory_gib']:.0f} GiB, usable {p['usable_gib']:.1f})"),
         ("memory / device", f"{m['total']:.2f} GiB = frozen weights {m['weights']:.2f} + trained state {m['trainable_state']:.2f}"
-                            f" + activations {m['activations']:.2f} + logits {m['logits']:.2f}"),
+                            f" + activations {m['activations']:.2f} + logits {m['logits']:.2f}"
+                            + (f" + runtime {m['runtime']:.2f}" if m.get("runtime") else "")),
         ("fits as configured", "yes" if p["fits"] else "NO"),
         ("recommendation", "none fits" if r is None else
          f"batch {r['batch_size']} × accum {r['grad_accum']}, activation checkpointing {'on' if r['activation_checkpointing'] else 'off'}"),

@@ -26,19 +26,12 @@ import torch
 
 from gptcore.errors import ConfigError, DataError
 from gptcore.fileio import sha256_file
-from gptcore.reads import Reads
 from gptcore.training import distributed as D
 from gptcore.training import engine
 from gptcore.training.devices import autocast_dtype, flag, resolve_device  # noqa: F401 (resolve_device: re-export)
 from gptcore.training.engine import train_step  # noqa: F401  (re-export: `from gptcore.training.pretrain import train_step`)
 
-READS = Reads(
-    keys=("run.seed", "model", "train"),
-    cadence=("train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_last", "train.progress",
-             "train.max_bad_steps", "train.node_rank", "train.rdzv_endpoint", "train.node_deployment"),
-    extend=("train.max_steps",),
-    report=("train.eval_batches",),
-)
+from gptcore.training import READS  # noqa: E402,F401  (declared in the package, torch-free: a cached pipeline run never imports torch)
 
 
 def load_data_side(data_dir: str | Path):
@@ -119,7 +112,8 @@ def pretrain(config, data_dir: str | Path, out_dir: str | Path, callbacks: Seque
         if use_fsdp and flag(t.compile, True):
             for block in raw.transformer.h:
                 block.compile()
-        optimizer = build_optimizer(raw, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), device_type=device.type)
+        optimizer = build_optimizer(raw, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), device_type=device.type,
+                                    kind=t.optimizer)
         loader = ShardLoader(data_dir, "train", t.batch_size, T, rank=info.rank, world_size=info.world_size,
                              seed=config.run.seed, tokenizer=tokenizer, vocab_size=vocab)  # shards verified, ids < vocab
         peak = peak_flops(device)
