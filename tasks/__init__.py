@@ -13,6 +13,7 @@ OFFLINE_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # our summary says where to look, once
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # logging a model copies its folder: no bar per stage
 }
 for _k, _v in OFFLINE_DEFAULTS.items():
     os.environ.setdefault(_k, _v)

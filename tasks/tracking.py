@@ -346,7 +346,7 @@ def pip_requirements() -> list[str]:
 def log_pyfunc_model(c: MlflowClient, run_id: str, model_dir: str | Path, name: str = "model",
                      tags: dict | None = None) -> str:
     """Log `model_dir` as an MLflow 3 logged model (pyfunc over gptcore's loader and generation)
-    linked to run `run_id`; returns its model_id (register it with source "models:/<model_id>").
+    linked to run `run_id`; returns its model_id (`register_version` versions it).
 
     Saved locally with `mlflow.pyfunc.save_model` (this file's neighbour tasks/pyfunc_model.py as
     model-from-code, the folder as artifact "model", the gptcore package as code), then uploaded

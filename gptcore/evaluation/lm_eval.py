@@ -58,7 +58,7 @@ def rolling_windows(tokens: list[int], prefix: int, max_len: int) -> Iterator[tu
     partial window gets max_len + 1 - len(predicted) tokens of context, not one.
 
         >>> list(rolling_windows([1, 2, 3, 4, 5], prefix=0, max_len=2))
-        [([0], [1, 2]), ([1, 2], [3, 4]), ([2, 3, 4], [5])]
+        [([0], [1, 2]), ([2], [3, 4]), ([3, 4], [5])]
     """
     done = 0
     while done < len(tokens):
