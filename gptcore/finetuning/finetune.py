@@ -176,8 +176,8 @@ def _finetune(config, base_dir: Path, out_dir: Path, callbacks: list, info: D.Di
         idx = sft_data.batch_indices(len(train_ex), ft.batch_size * info.world_size, i, config.run.seed)
         return [train_ex[j] for j in idx[info.rank::info.world_size]]
 
-    def evaluate() -> dict[str, float]:
-        return {"val_loss": eval_loss(trainee, val_ex, data.task, ft.batch_size, ft.eval_batches, pad_id, device, amp)}
+    def evaluate() -> dict[str, float]:  # through the wrapper's forward: FSDP2 gathers the weights it shards
+        return {"val_loss": eval_loss(wrapped, val_ex, data.task, ft.batch_size, ft.eval_batches, pad_id, device, amp)}
 
     def gather_weights() -> dict[str, torch.Tensor]:
         if not use_fsdp:

@@ -28,13 +28,16 @@ class Trainee(nn.Module):
     def trainable(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
-    def forward(self, batch: list) -> torch.Tensor:
-        """The task's training loss on a batch of encoded examples (a forward through the module, so
-        a DDP wrapper around it sees the call and synchronises the gradients)."""
+    def forward(self, batch: list, counted: bool = False):
+        """The task's loss on a batch of encoded examples — with `counted`, (loss, tokens or examples
+        it averages over). A forward through this module, so a DDP or FSDP2 wrapper sees the call
+        (DDP synchronises the gradients; FSDP2 gathers the weights)."""
         device = next(self.parameters()).device
         if self.task == "instruct":
-            return instruct_loss(self.model, batch, self.pad_id, device)[0]
-        return classify_loss(self.model, self.head, batch, self.pad_id, device)[0]
+            loss, n = instruct_loss(self.model, batch, self.pad_id, device)
+        else:
+            loss, n = classify_loss(self.model, self.head, batch, self.pad_id, device)
+        return (loss, n) if counted else loss
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,18 +65,17 @@ def classify_loss(model, head, batch, pad_id: int, device) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def eval_loss(trainee: Trainee, examples: list, task: str, batch_size: int, max_batches: int, pad_id: int, device, amp) -> float:
-    """Mean loss over (up to) the first max_batches batches of a split, weighted by counted tokens/examples."""
+def eval_loss(trainee: nn.Module, examples: list, task: str, batch_size: int, max_batches: int, pad_id: int, device, amp) -> float:
+    """Mean loss over (up to) the first max_batches batches of a split, weighted by counted tokens/examples.
+
+    `trainee` is the Trainee or the DDP/FSDP2 module around it: the loss comes from its forward."""
     was = trainee.training
     trainee.eval()
     total, count = 0.0, 0
     for i in range(0, min(len(examples), batch_size * max_batches), batch_size):
         batch = examples[i: i + batch_size]
         with amp():
-            if task == "instruct":
-                loss, n = instruct_loss(trainee.model, batch, pad_id, device)
-            else:
-                loss, n = classify_loss(trainee.model, trainee.head, batch, pad_id, device)
+            loss, n = trainee(batch, counted=True)
         total, count = total + float(loss) * n, count + n
     trainee.train(was)
     return total / max(1, count)
