@@ -120,3 +120,30 @@ def test_a_killed_rank_fails_clearly_and_the_rerun_resumes_bit_exact(setup):
     got = [(r["step"], r.get("loss")) for r in map(json.loads, metrics.read_text().splitlines())]
     want = [(r["step"], r.get("loss")) for r in map(json.loads, (setup / "ref" / "metrics.jsonl").read_text().splitlines())]
     assert got == want
+
+
+@pytest.mark.slow
+def test_full_finetune_under_fsdp2_on_two_ranks_resumes_bit_exact(setup):
+    """finetune.method=full with train.fsdp=on: FSDP2 over 2 gloo ranks; a rank killed after a checkpoint;
+    the same command again resumes and ends bit-identical to an uninterrupted run."""
+    base = _cli("pretrain", "cfg.yaml", "--data", "data", "--out", "base", cwd=setup)
+    assert base.returncode == 0, base.stderr[-2000:]
+    sets = ["--set", "train.nproc_per_node=2", "--set", "finetune.method=full", "--set", "train.fsdp=on",
+            "--set", "finetune.max_steps=60", "--set", "finetune.ckpt_every=10", "--set", "finetune.eval_every=100",
+            "--set", "finetune.log_every=2"]
+    ref = _cli("finetune", "cfg.yaml", "--base", "base/final", "--out", "ref-ft", *sets, cwd=setup)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    env = {**os.environ, "GPTCORE_PROGRESS": "0", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "gptcore.cli", "finetune", "cfg.yaml", "--base", "base/final", "--out", "ft",
+                             *sets], cwd=setup, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not (setup / "ft" / "checkpoints" / "step_000010").is_dir():
+        time.sleep(0.05)
+    rank1 = [p for p in _workers(setup / "ft") if p.environ().get("RANK") == "1"]
+    assert rank1, "the run finished before a rank could be killed"
+    rank1[0].kill()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "rank 1 was killed by SIGKILL" in err, err[-2000:]
+    again = _cli("finetune", "cfg.yaml", "--base", "base/final", "--out", "ft", *sets, cwd=setup)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sha256_file(setup / "ft" / "final" / "model.safetensors") == sha256_file(setup / "ref-ft" / "final" / "model.safetensors")
