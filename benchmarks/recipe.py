@@ -112,6 +112,7 @@ def main() -> None:
         f"# Recipe benchmark: time to the GPT-2 recipe's final val bpb ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
         "",
         f"command: `.venv/bin/python benchmarks/recipe.py --seeds {args.seeds} --steps {args.steps} --threads {args.threads}"
+        f" --eval-every {args.eval_every}"
         f" --ours \"{args.ours}\"`",
         f"baseline: {args.baseline}; ours: the same + `{' '.join(ours_sets)}`; {args.steps} steps each, "
         f"{args.seeds} seeds, {args.threads} threads, load average {load0[0]:.1f} before, {load1[0]:.1f} after",
