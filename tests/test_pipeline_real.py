@@ -124,7 +124,10 @@ def test_pipeline_run_is_in_mlflow_server_rest_api(tmp_path, run_cli):
         assert statuses == ["cached"] * 7, r2.stdout
 
 
-def test_deployment_round_trip_on_a_real_prefect_server(tmp_path):
+@contextlib.contextmanager
+def prefect_server_with(tmp_path: Path, deployment: str, registered: str):
+    """A real `prefect server start` on a free port with `gptcore deploy --name deployment` done;
+    yields the environment (PREFECT_API_URL, a store-local MLflow) for workers and CLI runs."""
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api_url,
@@ -133,10 +136,15 @@ def test_deployment_round_trip_on_a_real_prefect_server(tmp_path):
     server_cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     with started(server_cmd, tmp_path, env, tmp_path / "server.log") as server:
         wait_http(api_url + "/health", timeout=180, proc=server)
-        d = subprocess.run([sys.executable, "-m", "gptcore.cli", "deploy", "--name", "tiny-nightly"], cwd=tmp_path,
+        d = subprocess.run([sys.executable, "-m", "gptcore.cli", "deploy", "--name", deployment], cwd=tmp_path,
                            env=env, capture_output=True, text=True, timeout=300)
         assert d.returncode == 0, d.stderr[-3000:]
-        assert "deployment gptcore-pipeline/tiny-nightly -> pool cpu" in d.stdout
+        assert registered in d.stdout
+        yield env
+
+
+def test_deployment_round_trip_on_a_real_prefect_server(tmp_path):
+    with prefect_server_with(tmp_path, "tiny-nightly", "deployment gptcore-pipeline/tiny-nightly -> pool cpu") as env:
         worker_cmd = [str(BIN / "prefect"), "worker", "start", "--pool", "cpu"]
         with started(worker_cmd, tmp_path, env, tmp_path / "worker.log"):
             overrides = [*TINY, f"tracking.result_store={tmp_path}/store"]
@@ -164,20 +172,10 @@ def test_two_nodes_through_prefect_train_what_one_node_with_two_ranks_trains(tmp
     process workers (two "machines") each run torchrun for their node on loopback, one gloo rank each."""
     from gptcore.fileio import sha256_file
 
-    port, rdzv = free_port(), free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api_url,
-               PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", GPTCORE_PROGRESS="0")
+    rdzv = free_port()
     store = tmp_path / "store"
     sets = [*TINY, "train.max_steps=6", f"tracking.result_store={store}"]
-    server_cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with started(server_cmd, tmp_path, env, tmp_path / "server.log") as server:
-        wait_http(api_url + "/health", timeout=180, proc=server)
-        d = subprocess.run([sys.executable, "-m", "gptcore.cli", "deploy", "--name", "gpu-node"], cwd=tmp_path,
-                           env=env, capture_output=True, text=True, timeout=300)
-        assert d.returncode == 0, d.stderr[-3000:]
-        assert "deployment gptcore-node/gpu-node -> pool gpu" in d.stdout
+    with prefect_server_with(tmp_path, "gpu-node", "deployment gptcore-node/gpu-node -> pool gpu") as env:
         worker = [str(BIN / "prefect"), "worker", "start", "--pool", "gpu"]
         with started(worker, tmp_path, env, tmp_path / "worker0.log"), started(worker, tmp_path, env, tmp_path / "worker1.log"):
             two_nodes = [*sets, "train.nnodes=2", "train.nproc_per_node=1", f"train.rdzv_endpoint=127.0.0.1:{rdzv}"]
