@@ -248,7 +248,7 @@ def _finetune(config, base_dir: Path, out_dir: Path, callbacks: list, info: D.Di
                    seconds=time.time() - t_start)
     atomic_write_json(out_dir / "eval.json", {k: v for k, v in summary.items() if k != "samples"})
     atomic_write_json(out_dir / "summary.json", summary)
-    engine._emit(callbacks, "end", summary)
+    engine.emit(callbacks, "end", summary)
     D.barrier(info)
     return summary
 

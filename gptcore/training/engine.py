@@ -172,7 +172,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _emit(callbacks: Iterable[Callback], event: str, row: dict) -> None:
+def emit(callbacks: Iterable[Callback], event: str, row: dict) -> None:
+    """Send a copy of `row` to every callback as `cb(event, row)` (the recipes use it for "end")."""
     for cb in callbacks:
         cb(event, dict(row))
 
@@ -254,7 +255,7 @@ def run(recipe: Recipe, loop: Loop, out_dir: str | Path, callbacks: Sequence[Cal
     if before is not None and not resumed:
         pr.before = dict(before())
         metrics.write({"step": 0, **pr.before})
-        _emit(callbacks, "eval", {"step": 0, **pr.before})
+        emit(callbacks, "eval", {"step": 0, **pr.before})
     with metrics, progress_bar(loop.max_steps, loop.name, unit="step", enabled=None if show else False) as bar:
         bar.update(pr.step)
         while pr.step < loop.max_steps:
@@ -292,7 +293,7 @@ def run(recipe: Recipe, loop: Loop, out_dir: str | Path, callbacks: Sequence[Cal
                 if recipe.mfu is not None:
                     row["mfu"] = recipe.mfu(tps / info.world_size)
                 metrics.write(row)
-                _emit(callbacks, "log", row)
+                emit(callbacks, "log", row)
                 shown["tok/s"] = f"{tps:,.0f}"
 
             evaluated = pr.step % loop.eval_every == 0 or last
@@ -302,12 +303,12 @@ def run(recipe: Recipe, loop: Loop, out_dir: str | Path, callbacks: Sequence[Cal
                 pr.best_val_loss = v if pr.best_val_loss is None else min(pr.best_val_loss, v)
                 row = {"step": pr.step, **pr.last_eval}
                 metrics.write(row)
-                _emit(callbacks, "eval", row)
+                emit(callbacks, "eval", row)
 
             if pr.step % loop.ckpt_every == 0 or last:
                 path = checkpoint(recipe, loop, pr, out_dir, evaluated)
                 if path is not None:
-                    _emit(callbacks, "checkpoint", {"step": pr.step, "path": str(path)})
+                    emit(callbacks, "checkpoint", {"step": pr.step, "path": str(path)})
             shown["loss"] = f"{loss:.4f}"
             bar.update(1, **shown)
     if not pr.last_eval:  # resumed at its end: the last step's evaluation is in the checkpoint's progress

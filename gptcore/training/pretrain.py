@@ -160,7 +160,7 @@ def pretrain(config, data_dir: str | Path, out_dir: str | Path, callbacks: Seque
             "world_size": info.world_size, "nnodes": t.nnodes, "device": str(device),
             "dtype": str(amp or torch.float32), "seconds": time.perf_counter() - t_start,
         }
-        engine._emit(callbacks, "end", summary)
+        engine.emit(callbacks, "end", summary)
         return summary
     finally:
         D.shutdown(info)
