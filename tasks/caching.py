@@ -102,26 +102,29 @@ def stage_lock(store: str | Path, stage: str, key: str):
     return file_lock(Path(store) / "locks" / f"{stage}-{key}.lock")
 
 
-def content_digest(path: str | Path, store: str | Path) -> str:
-    """sha256 of a file, remembered under the store by (path, size, mtime): a big dataset is read
-    again only when its size or modification time changed (then the new digest is persisted)."""
+def content_digests(paths: list[str | Path], store: str | Path) -> list[str]:
+    """sha256 of each file, remembered under the store by (path, size, mtime): a big dataset is read
+    again only when its size or modification time changed. One lock and one write of the book for all."""
     from gptcore.fileio import atomic_write_json, sha256_file
 
-    path = Path(path).resolve()
-    st = path.stat()
     book = Path(store) / "digests.json"
     with file_lock(Path(store) / "locks" / "digests.lock"):
         try:
             known = json.loads(book.read_text())
         except (OSError, ValueError):
             known = {}
-        entry = known.get(str(path))
-        if entry and entry["size"] == st.st_size and entry["mtime_ns"] == st.st_mtime_ns:
-            return entry["sha256"]
-        digest = sha256_file(path)
-        known[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-        atomic_write_json(book, known)
-    return digest
+        out, changed = [], False
+        for path in paths:
+            path = Path(path).resolve()
+            st = path.stat()
+            entry = known.get(str(path))
+            if not (entry and entry["size"] == st.st_size and entry["mtime_ns"] == st.st_mtime_ns):
+                entry = known[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
+                changed = True
+            out.append(entry["sha256"])
+        if changed:
+            atomic_write_json(book, known)
+    return out
 
 
 def input_digests(reads: Reads, cfg: Config, store: str | Path) -> tuple[str, ...]:
@@ -129,7 +132,7 @@ def input_digests(reads: Reads, cfg: Config, store: str | Path) -> tuple[str, ..
     out = []
     for key, paths in reads.input_files(cfg):
         h = hashlib.sha256(key.encode())
-        for p in paths:
-            h.update(Path(p).name.encode() + b"\0" + content_digest(p, store).encode())
+        for p, digest in zip(paths, content_digests(paths, store)):
+            h.update(Path(p).name.encode() + b"\0" + digest.encode())
         out.append(h.hexdigest())
     return tuple(out)
