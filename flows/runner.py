@@ -25,7 +25,7 @@ from prefect.runtime import flow_run
 from gptcore.config import Config
 from gptcore.errors import GptcoreError
 from tasks import tracking
-from tasks.caching import input_digests, lineage_key, run_dir, stage_key, stage_lock, store_root
+from tasks.caching import damaged, input_digests, lineage_key, run_dir, stage_key, stage_lock, store_root
 from tasks.stages import STAGES
 
 
@@ -40,10 +40,6 @@ def _flow_run_id() -> str:
 def _numbers(d: dict) -> dict[str, float]:
     return {k: v for k, v in d.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-
-
-def _outputs_exist(result: dict) -> bool:
-    return all(Path(result[k]).exists() for k in ("path", "dir") if isinstance(result.get(k), str))
 
 
 _PARENT_METRICS: dict[str, dict] = {}  # parent run id -> stage figures not yet written to it
@@ -77,18 +73,20 @@ def run_stage(ctx: dict, name: str, **inputs: Any) -> dict:
     if stage.resumable:
         kwargs.update(workdir=str(run_dir(ctx["store"], name, lineage)))
 
-    def call(refresh: bool) -> tuple[dict, bool]:
+    def call(refresh: bool, fresh: bool) -> tuple[dict, bool]:
         opts = dict(result_storage=Path(ctx["store"]) / "results", refresh_cache=refresh) if stage.cached else {}
-        extra = {"fresh": refresh} if stage.resumable else {}
+        extra = {"fresh": fresh} if stage.resumable else {}
         state = stage.task.with_options(**opts)(**kwargs, **extra, return_state=True)
         return state.result(), state.name == "Cached"
 
     t0 = time.perf_counter()
     try:
         with stage_lock(ctx["store"], name, lineage):
-            result, cached = call(ctx["refresh"])
-            if cached and not _outputs_exist(result):  # a cache entry whose files were deleted
-                result, cached = call(True)
+            result, cached = call(ctx["refresh"], fresh=ctx["refresh"])
+            bad = cached and (damaged(result, ctx["store"]) or stage.intact(result))
+            if bad:  # recompute it, resuming from its training folder's checkpoints (never emptying it)
+                print(f"[gptcore] {name}: cached result is {bad[0]} ({bad[1]}): recomputing", file=sys.stderr, flush=True)
+                result, cached = call(True, fresh=False)
     except BaseException as exc:
         if c is not None:
             c.set_terminated(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")

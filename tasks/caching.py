@@ -20,6 +20,11 @@ Folders:
                                           so raising max_steps continues from the newest checkpoint
                                           and a change of cadence is the same run
 
+A cache hit is verified before it is trusted (`damaged`): every file a result recorded (`files`:
+relative path -> sha256, taken when it was published) must still hold those bytes. The sha256s are
+remembered in the digest book by (path, size, mtime), so an untouched 6 GB model costs a stat at
+hit time; a changed file is read and compared. A damaged entry is recomputed, never trusted.
+
 Two `gptcore run`s against the same store serialise per folder with `file_lock` (an OS lock,
 released by the kernel even if the holder is killed): the second waits, then finds the first's
 result in the cache.
@@ -136,3 +141,36 @@ def input_digests(reads: Reads, cfg: Config, store: str | Path) -> tuple[str, ..
             h.update(Path(p).name.encode() + b"\0" + digest.encode())
         out.append(h.hexdigest())
     return tuple(out)
+
+
+def file_digests(root: str | Path, rels: list[str], store: str | Path) -> dict[str, str]:
+    """{relative path: sha256} of the files `rels` under `root` (through the digest book)."""
+    return dict(zip(rels, content_digests([Path(root) / r for r in rels], store)))
+
+
+def folder_digests(root: str | Path, store: str | Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `root`: what a published result records of itself."""
+    root = Path(root)
+    return file_digests(root, sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()), store)
+
+
+def damaged(result: dict, store: str | Path) -> tuple[str, str] | None:
+    """Why a cached result can no longer be trusted — ("missing", path) or ("corrupt", path) — or None.
+
+    Its `path`/`dir` must exist, `path` must still hash to its `sha256`, and each of its `files`
+    (relative to `dir`) to the sha256 recorded when it was published."""
+    for k in ("path", "dir"):
+        if isinstance(result.get(k), str) and not Path(result[k]).exists():
+            return "missing", result[k]
+    want = {str(Path(result.get("dir") or ".") / rel): sha for rel, sha in (result.get("files") or {}).items()}
+    if isinstance(result.get("path"), str) and isinstance(result.get("sha256"), str):
+        want[result["path"]] = result["sha256"]
+    if not want:
+        return None
+    for path in want:
+        if not Path(path).is_file():
+            return "missing", path
+    for (path, sha), got in zip(want.items(), content_digests(list(want), store)):
+        if got != sha:
+            return "corrupt", path
+    return None

@@ -37,7 +37,7 @@ from gptcore import evaluation, finetuning, training  # their READS: torch-free 
 from gptcore.fileio import atomic_dir, atomic_write_text, link_tree, sha256_file
 from gptcore.reads import Reads
 from tasks import nodes, tracking
-from tasks.caching import artifact_dir
+from tasks.caching import artifact_dir, file_digests, folder_digests
 
 # The key is computed by the flow from content hashes; Prefect adds the task's own source.
 BY_CONTENT = CachePolicy.from_cache_key_fn(lambda ctx, params: params["key"]) + TASK_SOURCE
@@ -79,13 +79,19 @@ def _verified(path: str | Path, sha256: str, what: str) -> Path:
     return path
 
 
-def _fresh(out: Path, fresh: bool) -> Path:
+def _fresh(out: Path, fresh: bool, published: Path | None = None) -> Path:
     """A stage's resumable folder; `fresh` (--refresh) empties it, but only on the first attempt,
-    so Prefect's retries still resume from the newest checkpoint."""
+    so Prefect's retries still resume from the newest checkpoint.
+
+    The result published from that folder goes first: the old cache entry then points at nothing,
+    so if this refresh is interrupted the next plain run recomputes — resuming from the checkpoints
+    this refresh wrote — instead of trusting a result whose training folder is gone."""
     from prefect.runtime import task_run
 
-    if fresh and task_run.run_count <= 1 and out.exists():
-        shutil.rmtree(out)
+    if fresh and task_run.run_count <= 1:
+        for folder in (published, out):
+            if folder is not None and folder.exists():
+                shutil.rmtree(folder)
     return out
 
 
@@ -134,7 +140,8 @@ def train_tokenizer(config: Config, key: str, store: str, corpus: dict, track: d
         with atomic_dir(out) as tmp:
             tok.save(tmp)
     _log_artifact(track, out / "tokenizer.json", "tokenizer")
-    return {"dir": str(out), "sha256": tok.sha256, "vocab_size": tok.vocab_size, "work_seconds": w.seconds,
+    return {"dir": str(out), "sha256": tok.sha256, "files": folder_digests(out, store), "vocab_size": tok.vocab_size,
+            "work_seconds": w.seconds,
             "run_id": track and track["run_id"]}
 
 
@@ -159,10 +166,11 @@ def shard(config: Config, key: str, store: str, workdir: str, corpus: dict, toke
     _log_artifact(track, out / "manifest.json")
     splits = manifest["splits"]
     return {"dir": str(out), "sha256": sha256_file(out / "manifest.json"), "train_tokens": splits["train"]["tokens"],
+            "files": file_digests(out, ["manifest.json", "tokenizer/tokenizer.json"], store),
             "val_tokens": splits["val"]["tokens"], "work_seconds": w.seconds, "run_id": track and track["run_id"]}
 
 
-def _model_result(summary: dict, track: dict | None, work: Path, published: Path, extra: dict) -> dict:
+def _model_result(summary: dict, track: dict | None, work: Path, published: Path, store: str, extra: dict) -> dict:
     """Publish the engine's final/ as this key's result (hard links), plot the curves, log both."""
     from gptcore.metrics import read_metrics
     from gptcore.model.folder import model_sha256
@@ -174,7 +182,8 @@ def _model_result(summary: dict, track: dict | None, work: Path, published: Path
     if plot:
         _log_artifact(track, plot)
     result = {k: v for k, v in _numbers(summary).items()}
-    result.update(dir=str(final), sha256=model_sha256(final), run_id=track and track["run_id"], **extra)
+    result.update(dir=str(final), sha256=model_sha256(final), files=folder_digests(final, store),
+                  run_id=track and track["run_id"], **extra)
     c, run_id = _client(track)
     if c is not None:  # the MLflow model (pyfunc) that the registry versions and `mlflow models serve` runs
         result["model_id"] = tracking.log_pyfunc_model(c, run_id, final, tags={"model_sha256": result["sha256"]})
@@ -207,9 +216,10 @@ def pretrain(config: Config, key: str, store: str, workdir: str, shards: dict, t
              fresh: bool = False) -> dict:
     """Pre-train in the lineage's stable folder: a retry, or a larger max_steps, resumes from its newest checkpoint."""
     _verified(Path(shards["dir"]) / "manifest.json", shards["sha256"], "shard manifest")
-    out = _fresh(Path(workdir), fresh)
+    published = artifact_dir(store, "pretrain", key)
+    out = _fresh(Path(workdir), fresh, published)
     summary, timings = _tracked(config, track, "pretrain", [shards["dir"]], out)
-    return _model_result(summary, track, out, artifact_dir(store, "pretrain", key), timings)
+    return _model_result(summary, track, out, published, store, timings)
 
 
 @task(name="evaluate", **CACHED)
@@ -236,7 +246,7 @@ def evaluate(config: Config, key: str, store: str, model: dict, shards: dict, tr
     for name, r in res["tasks"].items():  # multiple-choice accuracies
         if isinstance(r, dict) and "acc" in r:
             result[f"{name}.acc"] = r["acc"]
-    result.update(dir=str(out), work_seconds=w.seconds, run_id=track and track["run_id"])
+    result.update(dir=str(out), files=folder_digests(out, store), work_seconds=w.seconds, run_id=track and track["run_id"])
     return result
 
 
@@ -244,13 +254,14 @@ def evaluate(config: Config, key: str, store: str, model: dict, shards: dict, tr
 def finetune(config: Config, key: str, store: str, workdir: str, model: dict, track: dict | None = None,
              fresh: bool = False) -> dict:
     """LoRA (or full) fine-tuning of the pre-trained model, resumable in its lineage's stable folder."""
-    out = _fresh(Path(workdir), fresh)
+    published = artifact_dir(store, "finetune", key)
+    out = _fresh(Path(workdir), fresh, published)
     summary, timings = _tracked(config, track, "finetune", [model["dir"]], out)
     for name in ("samples.txt", "confusion.txt", "eval.json"):
         _log_artifact(track, out / name)
     if summary.get("adapter_dir"):
         _log_artifact(track, summary["adapter_dir"], "adapter")
-    return _model_result(summary, track, out, artifact_dir(store, "finetune", key), {"task": str(summary.get("task", "")), **timings})
+    return _model_result(summary, track, out, published, store, {"task": str(summary.get("task", "")), **timings})
 
 
 @task(name="register")
@@ -318,11 +329,32 @@ class Stage:
     reads: Reads | None  # the config keys its result depends on; None: not cached (the registry is its state)
     code: tuple[str, ...] = ()  # the gptcore packages it runs: an edit there recomputes it
     resumable: bool = False  # trains in a stable folder per lineage and resumes there
+    intact: Callable[[dict], tuple[str, str] | None] = lambda r: None  # checks of a cache hit beyond its files' sha256
     summary: Callable[[dict], str] = lambda r: ""  # the one figure the summary table shows
 
     @property
     def cached(self) -> bool:
         return self.reads is not None
+
+
+def _shards_intact(r: dict) -> tuple[str, str] | None:
+    """Every shard the manifest lists is there with the header and size it was written with. (Its
+    sha256 is checked when a loader first opens it: data/sharding.py open_shard.)"""
+    import json
+
+    from gptcore.data.shards import read_shard_header
+
+    manifest = json.loads((Path(r["dir"]) / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        for entry in split.get("shards", []):
+            path = Path(r["dir"]) / entry["file"]
+            try:
+                n, _ = read_shard_header(path)
+            except DataError:
+                n = None
+            if n != entry["tokens"]:
+                return ("corrupt" if path.is_file() else "missing"), str(path)
+    return None
 
 
 def _f(r: dict, k: str, fmt: str = "{:.4f}") -> str:
@@ -334,7 +366,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           summary=lambda r: f"{_f(r, 'bytes', '{:,}')} bytes, {_f(r, 'documents', '{:,}')} docs"),
     Stage("train_tokenizer", train_tokenizer, tk.READS, ("tokenizer",),
           summary=lambda r: f"vocab {_f(r, 'vocab_size', '{:,}')}"),
-    Stage("shard", shard, shards_mod.READS, ("data", "tokenizer"), resumable=True,
+    Stage("shard", shard, shards_mod.READS, ("data", "tokenizer"), resumable=True, intact=_shards_intact,
           summary=lambda r: f"{_f(r, 'train_tokens', '{:,}')} train / {_f(r, 'val_tokens', '{:,}')} val tokens"),
     Stage("pretrain", pretrain, training.READS, ("training", "model", "data", "evaluation", "tokenizer"), resumable=True,
           summary=lambda r: f"val bpb {_f(r, 'val_bpb')}, train loss {_f(r, 'train_loss')}"
