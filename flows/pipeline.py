@@ -16,6 +16,7 @@ from prefect import flow
 
 from flows.runner import PipelineRun, check_until, quiet_prefect, run_stage
 from gptcore.config import load_config
+from gptcore.errors import environment_errors
 
 
 @flow(name="gptcore-pipeline")
@@ -29,7 +30,7 @@ def pipeline(config_path: str = "configs/tiny.yaml", overrides: list[str] | None
     then only finetune and register run.
     """
     cfg = load_config(config_path, overrides or [])
-    with PipelineRun(cfg, check_until(until), refresh, config_path, parent_run_id) as run:
+    with environment_errors(), PipelineRun(cfg, check_until(until), refresh, config_path, parent_run_id) as run:
         if base:
             model = run.given_model(base)
         else:
@@ -73,7 +74,9 @@ def open_tracking(config_path: str, overrides: list[str] | None = None) -> None:
 
     cfg = load_config(config_path, overrides or [])
     if cfg.tracking.enabled:
-        tracking.client(tracking.tracking_uri(cfg))
+        uri = tracking.tracking_uri(cfg)
+        with environment_errors(uri):
+            tracking.client(uri)
 
 
 def run_pipeline(config_path: str, overrides: list[str] | None = None, until: str = "register",
@@ -88,7 +91,12 @@ def run_pipeline(config_path: str, overrides: list[str] | None = None, until: st
 
     if quiet:
         quiet_prefect()
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        return pipeline(config_path=config_path, overrides=list(overrides or []), until=until, refresh=refresh,
-                        base=base)
+    from prefect.logging.handlers import APILogWorker
+
+    try:
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            return pipeline(config_path=config_path, overrides=list(overrides or []), until=until, refresh=refresh,
+                            base=base)
+    finally:  # send the run's last logs while the server is still up: after it stops they fail on stderr
+        APILogWorker.drain_all(timeout=5)
 

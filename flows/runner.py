@@ -23,7 +23,7 @@ import tasks  # noqa: F401  (offline defaults first)
 from prefect.runtime import flow_run
 
 from gptcore.config import Config
-from gptcore.errors import GptcoreError
+from gptcore.errors import GptcoreError, environment_errors
 from tasks import tracking
 from tasks.caching import damaged, input_digests, lineage_key, run_dir, stage_key, stage_lock, store_root
 from tasks.stages import STAGES
@@ -53,7 +53,13 @@ def flush_parent_metrics(c, parent_run_id: str) -> None:
 
 
 def run_stage(ctx: dict, name: str, **inputs: Any) -> dict:
-    """Run stage `name` (its record in tasks.stages.STAGES); returns its result plus `_row` for the summary."""
+    """Run stage `name` (its record in tasks.stages.STAGES); returns its result plus `_row` for the summary.
+    A full disk or a read-only store, here or in MLflow, leaves as one `SetupError` line."""
+    with environment_errors():
+        return _run_stage(ctx, name, **inputs)
+
+
+def _run_stage(ctx: dict, name: str, **inputs: Any) -> dict:
     stage = STAGES[name]
     cfg: Config = ctx["config"]
     upstream = tuple(v["sha256"] for v in inputs.values() if isinstance(v, dict) and "sha256" in v)

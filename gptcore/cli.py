@@ -30,7 +30,7 @@ try:  # typer >= 0.29 vendors its own click; Abort and Exit live in typer.except
 except ImportError:  # pragma: no cover - older typer on top of click
     from click.exceptions import Abort, ClickException, Exit
 
-from gptcore.errors import GptcoreError
+from gptcore.errors import GptcoreError, environment_error
 
 _DEBUG = {"on": os.environ.get("GPTCORE_DEBUG", "") not in ("", "0")}
 
@@ -80,6 +80,12 @@ class _App(typer.Typer):
             sys.exit(exc.exit_code)
         except (BrokenPipeError,):
             sys.exit(1)
+        except Exception as exc:  # a full disk or a read-only store, however a library wrapped it: one line
+            err = environment_error(exc)
+            if err is None or _DEBUG["on"]:
+                raise
+            print(f"error: {err.message()}", file=sys.stderr)
+            sys.exit(2)
         sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -377,15 +383,16 @@ def run_cmd(
 ) -> None:
     """Run the pipeline as Prefect flows tracked in MLflow: download -> tokenizer -> shards -> pretrain
     -> evaluate -> finetune -> register. Stages whose inputs did not change are cache hits."""
-    from gptcore.config import check_config
+    from flows.preflight import check_environment
 
-    check_config(_load_config(config, overrides))  # a bad config is one error line, before Prefect starts
+    cfg = _load_config(config, overrides)
     atexit.register(_skip_teardown)  # registered first, so it runs after Prefect's and MLflow's handlers
     if base is not None and not base.is_dir():
         fail("base model folder not found", str(base), "pass a folder written by pretrain or `gptcore convert from-hf`")
     if base is not None and until not in ("finetune", "register"):
         fail(f"--until {until} never happens with --base (only finetune and register run)", "--until",
              "use --until finetune or register, or drop --base")
+    check_environment(cfg, base)  # the whole config and the tracking store: one error line, before Prefect starts
     from flows.server import prefect_api
 
     with prefect_api() as server_ready:  # a running Prefect server, or a temporary one starting meanwhile
@@ -434,6 +441,9 @@ def sweep_cmd(
     from flows.sweep import parse_grid, plan_cells
 
     cells = plan_cells(str(config), parse_grid(grid or []), seeds, overrides or [])  # bad input: one line, now
+    from flows.preflight import check_environment
+
+    check_environment(_load_config(config, overrides))
     if max_parallel is not None and max_parallel < 1:
         fail(f"--max-parallel {max_parallel}", "--max-parallel", "pass 1 or more")
     check_until(until)

@@ -17,6 +17,8 @@ run holding its artifacts instead of uploading them again.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import shutil
 import time
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from gptcore import tokenizer as tk
 from gptcore.config import Config
 from gptcore.data import sharding as shards_mod
 from gptcore.data import sources
-from gptcore.errors import CheckpointError, DataError, GptcoreError
+from gptcore.errors import CheckpointError, DataError, GptcoreError, environment_errors
 from gptcore import evaluation, finetuning, training  # their READS: torch-free (engines import lazily)
 from gptcore.fileio import atomic_dir, atomic_write_text, link_tree, sha256_file
 from gptcore.reads import Reads
@@ -53,6 +55,20 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
     except BaseException:
         return True
     return True
+
+
+def _one_line(fn):
+    """A task whose environment failures (a full disk, a read-only folder) leave it as one-line
+    `SetupError`s naming the folder: Prefect neither retries them nor prints their traceback."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def body(*args, **kwargs):
+        given = sig.bind_partial(*args, **kwargs).arguments
+        with environment_errors(given.get("workdir") or given.get("store")):
+            return fn(*args, **kwargs)
+
+    return body
 
 
 def _client(track: dict | None):
@@ -115,6 +131,7 @@ def _numbers(d: dict[str, Any]) -> dict[str, float]:
 
 @task(name="download", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
       retry_condition_fn=_retry_unless_user_error, **CACHED)
+@_one_line
 def download(config: Config, key: str, store: str, track: dict | None = None) -> dict:
     """The capped corpus as JSONL ({"text": ...} per document)."""
     out = artifact_dir(store, "download", key) / "corpus.jsonl"
@@ -125,6 +142,7 @@ def download(config: Config, key: str, store: str, track: dict | None = None) ->
 
 
 @task(name="train_tokenizer", **CACHED)
+@_one_line
 def train_tokenizer(config: Config, key: str, store: str, corpus: dict, track: dict | None = None) -> dict:
     """Train the BPE (or sentencepiece) tokenizer on the corpus — or load `tokenizer.path`."""
     section = config.tokenizer
@@ -146,6 +164,7 @@ def train_tokenizer(config: Config, key: str, store: str, corpus: dict, track: d
 
 
 @task(name="shard", **CACHED)
+@_one_line
 def shard(config: Config, key: str, store: str, workdir: str, corpus: dict, tokenizer: dict, track: dict | None = None,
           fresh: bool = False) -> dict:
     """Tokenize the corpus into train/val shards; the folder also carries its tokenizer.
@@ -212,6 +231,7 @@ def _tracked(config: Config, track: dict | None, engine: str, args: list, out: P
 
 
 @task(name="pretrain", retries=1, retry_condition_fn=_retry_unless_user_error, **CACHED)
+@_one_line
 def pretrain(config: Config, key: str, store: str, workdir: str, shards: dict, track: dict | None = None,
              fresh: bool = False) -> dict:
     """Pre-train in the lineage's stable folder: a retry, or a larger max_steps, resumes from its newest checkpoint."""
@@ -223,6 +243,7 @@ def pretrain(config: Config, key: str, store: str, workdir: str, shards: dict, t
 
 
 @task(name="evaluate", **CACHED)
+@_one_line
 def evaluate(config: Config, key: str, store: str, model: dict, shards: dict, track: dict | None = None) -> dict:
     """Validation loss and bits per byte beside the unigram baseline, plus sample generations."""
     from gptcore.evaluation import evaluate as ev
@@ -251,6 +272,7 @@ def evaluate(config: Config, key: str, store: str, model: dict, shards: dict, tr
 
 
 @task(name="finetune", retries=1, retry_condition_fn=_retry_unless_user_error, **CACHED)
+@_one_line
 def finetune(config: Config, key: str, store: str, workdir: str, model: dict, track: dict | None = None,
              fresh: bool = False) -> dict:
     """LoRA (or full) fine-tuning of the pre-trained model, resumable in its lineage's stable folder."""
@@ -265,6 +287,7 @@ def finetune(config: Config, key: str, store: str, workdir: str, model: dict, tr
 
 
 @task(name="register")
+@_one_line
 def register(config: Config, models: dict[str, dict], track: dict | None = None) -> dict:
     """Register each model's MLflow model (a pyfunc: tasks/pyfunc_model.py) as a version (alias
     `candidate`) and run the promotion gate.

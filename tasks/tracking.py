@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 
 import math
-import os
 import re
 import time
 from pathlib import Path
@@ -30,18 +29,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from gptcore.config import Config
 from tasks.caching import file_lock
+from tasks.tracking_store import DEFAULT_URI, tracking_uri  # noqa: F401  (their home; re-exported)
 
-DEFAULT_URI = "sqlite:///mlflow.db"
-
-
-def tracking_uri(cfg: Config) -> str:
-    """`tracking.tracking_uri`, else $MLFLOW_TRACKING_URI, else MLflow's default sqlite file (absolute)."""
-    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    return uri
 
 
 def client(uri: str) -> MlflowClient:
