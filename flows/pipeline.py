@@ -39,7 +39,7 @@ def pipeline(config_path: str = "configs/tiny.yaml", overrides: list[str] | None
             shards = run.stage("shard", corpus=corpus, tokenizer=tokenizer)
             model = run.subflow(pretrain_flow, shards=shards)
             scores = run.subflow(evaluate_flow, model=model, shards=shards)
-            model = dict(model, val_bpb=scores["val_bpb"])  # the gate compares evaluated bpb
+            model = dict(model, val_bpb=scores["val_bpb"], val_text=corpus["sha256"])  # the gate: bpb on this text
         tuned = run.subflow(finetune_flow, model=model)
         run.stage("register", models={
             "gptcore-pretrained": (model, "val_bpb"),        # gate: validation bits per byte

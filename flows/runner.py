@@ -23,7 +23,7 @@ import tasks  # noqa: F401  (offline defaults first)
 from prefect.runtime import flow_run
 
 from gptcore.config import Config
-from gptcore.errors import GptcoreError, environment_errors
+from gptcore.errors import GptcoreError, environment_error, environment_errors
 from tasks import tracking
 from tasks.caching import damaged, input_digests, lineage_key, run_dir, stage_key, stage_lock, store_root
 from tasks.stages import STAGES
@@ -217,12 +217,14 @@ def format_report(report: dict) -> str:
 
 
 class _HideUserErrors(logging.Filter):
-    """Drop Prefect's log records about a GptcoreError: the CLI prints that error as one line."""
+    """Drop Prefect's log records about a GptcoreError or a full disk: the CLI prints that error as one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, GptcoreError):
             return False
+        if record.levelno >= logging.WARNING and environment_error(RuntimeError(record.getMessage())) is not None:
+            return False  # e.g. "Failed to write result: [Errno 28] ...": the CLI's one line says it
         if record.levelno >= logging.ERROR:
             msg = record.getMessage()
             return not any(f"{n}(" in msg or f"{n}:" in msg for n in _user_error_names())

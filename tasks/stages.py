@@ -307,7 +307,7 @@ def register(config: Config, models: dict[str, dict], track: dict | None = None)
         model_id = _logged_model(c, res, track)
         value = float(res[metric])
         version, new = tracking.register_version(c, name, model_id, res.get("run_id") or run_id, res["sha256"], metric, value,
-                                                 recipe=recipe_hash(config))
+                                                 recipe=recipe_hash(config), like=measured_on(config, res, metric))
         promoted, reason = tracking.promotion_gate(c, name, version, metric, value, seeds=config.tracking.gate_seeds,
                                                    p=config.tracking.gate_p, recipe=recipe_hash(config))
         out[f"{name}.version"] = int(version)
@@ -318,6 +318,41 @@ def register(config: Config, models: dict[str, dict], track: dict | None = None)
     tracking.set_tags(c, run_id, {"promotion": text.strip()[:5000]})
     out["decisions"] = decisions
     return out
+
+
+def measured_on(config: Config, res: dict, metric: str) -> dict[str, str]:
+    """What a model's gate `metric` was measured on, as short hashes the gate compares (tasks/tracking.py
+    `comparable`): two versions compare only when every part agrees.
+
+    val_bpb (bits per byte) is tokenizer-free: the same validation text (corpus sha256, val_fraction)
+    measured the same way (eval.batches, the model's context). A fine-tuning loss is nats per token:
+    the same dataset by content (a file's sha256, else the built-in's name; max_examples, task),
+    the same tokenizer (the model folder's), and the same evaluation (batches × batch size, max_len)."""
+    from gptcore.reads import view_hash
+    from tasks.caching import input_digests, store_root
+
+    f = config.finetune
+    meta = _read_json(Path(res["dir"]) / "config.json")
+    block = (meta.get("config") or {}).get("block_size", config.model.block_size)
+    if metric == "val_bpb":
+        return {"dataset": view_hash({"corpus": res.get("val_text"), "val_fraction": config.data.val_fraction})[:16],
+                "eval": view_hash({"batches": config.eval.batches, "block_size": block})[:16]}
+    files = input_digests(finetuning.READS, config, store_root(config))
+    data = {"content": list(files)} if files else {"name": f.dataset}
+    tok = _read_json(Path(res["dir"]) / "tokenizer" / "tokenizer.json").get("sha256")
+    return {"dataset": view_hash({**data, "max_examples": f.max_examples, "task": f.task})[:16],
+            "tokenizer": view_hash({"tokenizer": tok})[:16],
+            "eval": view_hash({"batches": f.eval_batches, "batch_size": f.batch_size, "max_len": f.max_len or block})[:16]}
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
 
 
 def recipe_hash(config: Config) -> str:

@@ -200,25 +200,33 @@ def plot_variant_curves(curves: dict[str, list[tuple[int, list[tuple[int, float]
 # the model registry
 
 
+LIKE = "gptcore.like."  # tag prefix of what a version's gate metric was measured on (see `comparable`)
+
+
 def register_version(c: MlflowClient, name: str, model_id: str, run_id: str, sha256: str, metric: str, value: float,
-                     recipe: str | None = None) -> tuple[str, bool]:
+                     recipe: str | None = None, like: dict[str, str] | None = None) -> tuple[str, bool]:
     """A version of registered model `name` for the logged model `model_id` holding the weights
     `sha256`: reused if a version of those weights exists (→ False).
 
     `recipe`: a hash of the config without its seed (tag `gptcore.recipe`): versions sharing it are
-    seeds of one recipe, the samples the statistical gate compares."""
+    seeds of one recipe, the samples the statistical gate compares. `like`: what its `metric` was
+    measured on ({"dataset": hash, "tokenizer": hash, "eval": hash}), tags `gptcore.like.<part>`."""
+    like_tags = {LIKE + k: v for k, v in (like or {}).items()}
     try:
         c.create_registered_model(name, description="gptcore models; alias champion = best so far")
     except MlflowException:
         pass  # already exists
     for mv in c.search_model_versions(f"name='{name}'"):
         if mv.tags.get("model_sha256") == sha256:
+            for k, v in like_tags.items():
+                c.set_model_version_tag(name, mv.version, k, v)
             return str(mv.version), False
     # the logged model's own artifact location as source: a "models:/<id>" source would be resolved
     # by the store through the *global* tracking URI (MLflow 3.17), not this client's; the sqlite
     # store does not keep model_id either, so the version carries it as a tag
     source = c.get_logged_model(model_id).artifact_location
-    tags = {"model_sha256": sha256, "model_id": model_id, metric: repr(value), **({"gptcore.recipe": recipe} if recipe else {})}
+    tags = {"model_sha256": sha256, "model_id": model_id, metric: repr(value), **({"gptcore.recipe": recipe} if recipe else {}),
+            **like_tags}
     mv = c.create_model_version(name, source=source, run_id=run_id, model_id=model_id, tags=tags)
     return str(mv.version), True
 
@@ -231,9 +239,22 @@ def _recipe_values(c: MlflowClient, name: str, metric: str, recipe: str | None, 
             if v.tags.get("gptcore.recipe") == recipe and metric in v.tags]
 
 
+def comparable(candidate: dict[str, str], champion: dict[str, str]) -> str | None:
+    """None when two versions' `gptcore.like.*` tags agree (their gate metrics compare), else the
+    part that differs ("dataset", "tokenizer", "eval"). A champion that records none compares with nothing."""
+    parts = {k[len(LIKE):]: v for k, v in candidate.items() if k.startswith(LIKE)}
+    theirs = {k[len(LIKE):]: v for k, v in champion.items() if k.startswith(LIKE)}
+    for part in ("dataset", "tokenizer", "eval", *sorted(set(parts) - {"dataset", "tokenizer", "eval"})):
+        if parts.get(part) != theirs.get(part):
+            return part
+    return None
+
+
 def promotion_gate(c: MlflowClient, name: str, version: str, metric: str, value: float, seeds: int = 1,
                    p: float = 0.05, recipe: str | None = None) -> tuple[bool, str]:
-    """Move alias `champion` to `version` only if its `metric` (lower is better) beats the champion's.
+    """Move alias `champion` to `version` only if its `metric` (lower is better) beats the champion's —
+    and only if the two were measured alike (`comparable`: the same data, tokenizer where the metric
+    is per token, and evaluation); otherwise "no comparison: different <part>" and the champion stays.
 
     seeds = 1 (`tracking.gate_seeds`): this version's value against the champion's. seeds > 1: the
     values of every version of the candidate's `recipe` (its seeds) against those of the champion's
@@ -246,7 +267,13 @@ def promotion_gate(c: MlflowClient, name: str, version: str, metric: str, value:
         champ = c.get_model_version_by_alias(name, "champion")
     except MlflowException:
         champ = None
-    if seeds > 1:
+    differs = None
+    if champ is not None and str(champ.version) != str(version):
+        differs = comparable(c.get_model_version(name, version).tags, champ.tags)
+    if differs is not None:
+        promoted, reason = False, (f"no comparison: different {differs} (champion v{champ.version} was measured on "
+                                   f"another {differs}); champion kept, v{version} is candidate")
+    elif seeds > 1:
         promoted, reason = _statistical_gate(c, name, version, metric, seeds, p, recipe, champ)
     elif champ is None:
         promoted, reason = True, f"promoted: first champion ({metric}={value:.4f})"
