@@ -73,7 +73,7 @@ def _check_server(uri: str, timeout: float) -> None:
         conn.getresponse().read()
     except OSError as exc:
         raise SetupError(f"no MLflow tracking server answers ({exc.strerror or exc.__class__.__name__})", uri,
-                         f"start it (mlflow server --host {u.hostname} --port {u.port or 80}), or unset "
+                         f"start it (mlflow server --host {u.hostname} --port {u.port or conn.default_port}), or unset "
                          "MLFLOW_TRACKING_URI to use a local sqlite store") from None
     finally:
         conn.close()
