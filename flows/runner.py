@@ -24,7 +24,7 @@ from prefect.runtime import flow_run
 
 from gptcore.config import Config
 from gptcore.errors import GptcoreError
-from tasks import tracking
+from tasks import owners, tracking
 from tasks.caching import input_digests, lineage_key, run_dir, stage_key, stage_lock, store_root
 from tasks.stages import STAGES
 
@@ -133,6 +133,10 @@ class PipelineRun:
     def __enter__(self) -> "PipelineRun":
         if self.c is not None:
             exp = tracking.experiment_id(self.c, self.ctx["experiment"])
+            closed = owners.reconcile(self.c, exp)  # runs a killed gptcore left RUNNING
+            if closed:
+                print(f"[gptcore] marked {len(closed)} run(s) KILLED that a process which is gone left RUNNING",
+                      file=sys.stderr, flush=True)
             run_id = tracking.start_run(self.c, exp, "pipeline", parent=self.parent, tags={
                 "prefect.flow_run_id": _flow_run_id(), "gptcore.config_path": self.config_path,
                 "gptcore.until": self.until, "gptcore.refresh": str(self.ctx["refresh"]).lower()})
@@ -213,7 +217,7 @@ def format_report(report: dict) -> str:
 
 
 class _HideUserErrors(logging.Filter):
-    """Drop Prefect's log records about a GptcoreError: the CLI prints that error as one line."""
+    """Drop Prefect's log records about a GptcoreError or a signal: the CLI prints that as one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
@@ -221,6 +225,8 @@ class _HideUserErrors(logging.Filter):
             return False
         if record.levelno >= logging.ERROR:
             msg = record.getMessage()
+            if "aborted by an interrupt signal" in msg or "aborted by a termination signal" in msg:
+                return False  # Ctrl-C / SIGTERM: the CLI says "interrupted" / "terminated", once
             return not any(f"{n}(" in msg or f"{n}:" in msg for n in _user_error_names())
         return True
 

@@ -9,7 +9,9 @@
     gptcore run | sweep | deploy                              (flows/, imported lazily)
 
 A user error (`GptcoreError`) prints `error: <what> (<where>): <what to do>` and exits 2; Ctrl-C
-exits 130 and SIGTERM 143, cleanly. `--debug` shows the traceback instead.
+exits 130 ("interrupted") and SIGTERM 143 ("terminated"), cleanly. `--debug` shows the traceback
+instead. After a signal, `gptcore run` ends within SHUTDOWN_SECONDS whatever its cleanup waits on
+(docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import atexit
 import os
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import List, Optional
@@ -39,8 +42,65 @@ class Terminated(BaseException):
     """SIGTERM, turned into an exception so `finally` blocks and servers shut down normally."""
 
 
+_SIGNALLED: list[int] = []  # the first SIGINT/SIGTERM; later ones must not break the cleanup it started
+SHUTDOWN_SECONDS = float(os.environ.get("GPTCORE_SHUTDOWN_SECONDS", "8"))
+_EXIT_LINE = {130: "interrupted", 143: "terminated"}
+
+
 def _on_sigterm(signum, frame):
-    raise Terminated()
+    if not (_SIGNALLED and _FAST_EXIT["on"]):
+        _SIGNALLED.append(signum)
+        raise Terminated()
+
+
+def _on_sigint(signum, frame):
+    if not (_SIGNALLED and _FAST_EXIT["on"]):
+        _SIGNALLED.append(signum)
+        raise KeyboardInterrupt()
+
+
+_FAST_EXIT = {"on": False, "keep": None}
+
+
+def _arm_shutdown_deadline() -> None:
+    """For `gptcore run`: the first SIGINT/SIGTERM unwinds the main thread (runs marked KILLED, ranks and
+    the temporary server stopped); a watcher thread, woken by the signal itself (signal.set_wakeup_fd,
+    whichever Python handler Prefect has swapped in), ends the process SHUTDOWN_SECONDS later if the
+    cleanup is still waiting on something (a dead API, a stuck rank). Runs it left RUNNING are
+    reconciled by the next run (their owner is gone). Later Ctrl-Cs are ignored meanwhile."""
+    import socket
+    import threading
+
+    r, w = socket.socketpair()
+    w.setblocking(False)
+    try:
+        signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGINT, _on_sigint)
+    except ValueError:  # not the main thread
+        return
+    _FAST_EXIT.update(on=True, keep=(r, w))
+
+    def watch() -> None:
+        sig = 0
+        while sig not in (signal.SIGINT, signal.SIGTERM):  # other signals (SIGALRM: Prefect's timeouts) pass
+            sig = r.recv(1)[0]
+        time.sleep(SHUTDOWN_SECONDS)
+        code = 130 if sig == signal.SIGINT else 143
+        print(f"{_EXIT_LINE[code]} (cleanup still unfinished after {SHUTDOWN_SECONDS:.0f} s: left it)",
+              file=sys.stderr, flush=True)
+        os._exit(code)
+
+    threading.Thread(target=watch, name="gptcore-shutdown-deadline", daemon=True).start()
+
+
+def _leave(code: int) -> None:
+    """Exit with `code` after a signal: the line, then (for `gptcore run`, whose cleanup is done by now)
+    no interpreter teardown, where Prefect would retry shipping logs to the server it no longer has."""
+    print(_EXIT_LINE[code], file=sys.stderr, flush=True)
+    if _FAST_EXIT["on"]:
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def fail(what: str, where: str | None = None, fix: str | None = None) -> None:
@@ -64,15 +124,10 @@ class _App(typer.Typer):
                 traceback.print_exc()
             print(f"error: {exc.message()}", file=sys.stderr)
             sys.exit(2)
-        except Abort:
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
+        except (Abort, KeyboardInterrupt):
+            _leave(130)
         except Terminated:
-            print("terminated", file=sys.stderr)
-            sys.exit(143)
+            _leave(143)
         except ClickException as exc:
             exc.show()
             sys.exit(exc.exit_code)
@@ -80,6 +135,12 @@ class _App(typer.Typer):
             sys.exit(exc.exit_code)
         except (BrokenPipeError,):
             sys.exit(1)
+        except BaseException as exc:
+            if type(exc).__name__ != "TerminationSignal":  # Prefect's SIGTERM, if it outran ours
+                raise
+            _leave(143)
+        if code == 130:  # typer (>= 0.29) turns a KeyboardInterrupt into this return code, silently
+            _leave(130)
         sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -380,6 +441,7 @@ def run_cmd(
     from gptcore.config import check_config
 
     check_config(_load_config(config, overrides))  # a bad config is one error line, before Prefect starts
+    _arm_shutdown_deadline()
     atexit.register(_skip_teardown)  # registered first, so it runs after Prefect's and MLflow's handlers
     if base is not None and not base.is_dir():
         fail("base model folder not found", str(base), "pass a folder written by pretrain or `gptcore convert from-hf`")

@@ -31,6 +31,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from gptcore.config import Config
+from tasks import owners
 from tasks.caching import file_lock
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -75,7 +76,8 @@ def _artifact_location(c: MlflowClient, name: str) -> str | None:
 
 
 def start_run(c: MlflowClient, exp_id: str, name: str, parent: str | None = None, tags: dict | None = None) -> str:
-    tags = {k: str(v) for k, v in (tags or {}).items()}
+    """A new RUNNING run, tagged with its owner process (tasks/owners.py: a dead owner's runs get closed)."""
+    tags = {**owners.owner_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
     if parent:
         tags["mlflow.parentRunId"] = parent
     return c.create_run(exp_id, run_name=name, tags=tags).info.run_id
