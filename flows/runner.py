@@ -91,7 +91,7 @@ def run_stage(ctx: dict, name: str, **inputs: Any) -> dict:
                 result, cached = call(True)
     except BaseException as exc:
         if c is not None:
-            c.set_terminated(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
+            tracking.end_run(c, run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
         raise
     seconds = time.perf_counter() - t0
     if c is not None:
@@ -103,7 +103,7 @@ def run_stage(ctx: dict, name: str, **inputs: Any) -> dict:
         pending.update({f"{name}.{k}": v for k, v in {**nums, "seconds": seconds}.items()})
         if not cached:  # a cache hit's figures wait for the next write: one batch for a run of hits
             flush_parent_metrics(c, ctx["parent_run_id"])
-        c.set_terminated(run_id, "FINISHED")
+        tracking.end_run(c, run_id, "FINISHED")
     if name == "register":  # nothing new registered = the registry already had these models
         cached = result.get("new_versions", 1) == 0
     row = {"stage": name, "status": "cached" if cached else "computed", "seconds": round(seconds, 2),
@@ -170,15 +170,20 @@ class PipelineRun:
             flush_parent_metrics(self.c, run_id)
             if etype is None or etype is Reached:
                 self.c.log_text(run_id, summary_markdown(self.rows), "summary.md")
-                self.c.set_terminated(run_id, "FINISHED")
+                tracking.end_run(self.c, run_id, "FINISHED")
             else:
-                self.c.set_terminated(run_id, "FAILED" if issubclass(etype, Exception) else "KILLED")
+                tracking.end_run(self.c, run_id, "FAILED" if issubclass(etype, Exception) else "KILLED")
         return etype is Reached
 
     def report(self) -> dict:
         return {"rows": self.rows, "results": self.results, "uri": self.ctx["uri"], "experiment": self.ctx["experiment"],
                 "experiment_id": self.ctx["experiment_id"], "run_id": self.ctx["parent_run_id"],
                 "store": self.ctx["store"]}
+
+
+def end_open_runs(reason: str) -> int:
+    """KILLED for the MLflow runs this process started and has not ended: the CLI's forced exit."""
+    return tracking.end_open_runs(reason)
 
 
 def summary_markdown(rows: list[dict]) -> str:

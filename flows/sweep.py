@@ -131,12 +131,12 @@ def sweep(config_path: str, grid: dict[str, list[str]], seeds: int = 2, override
                 outcomes += [_outcome(cell, fut.result) for cell, fut in zip(cells, futures)]
     except BaseException:
         if c is not None:
-            c.set_terminated(run_id, "KILLED")
+            tracking.end_run(c, run_id, "KILLED")
         raise
     table = comparison(outcomes, list(dict.fromkeys(cell["variant"] for cell in cells)))
     if c is not None:
         _log_sweep(c, run_id, outcomes, table, store_root(cfg) / "sweeps")
-        c.set_terminated(run_id, "FINISHED" if all("report" in o for o in outcomes) else "FAILED")
+        tracking.end_run(c, run_id, "FINISHED" if all("report" in o for o in outcomes) else "FAILED")
     return {"table": table, "cells": [{k_: v for k_, v in o.items() if k_ != "report"} | _cell_numbers(o)
                                       for o in outcomes], "run_id": run_id, "experiment_id": exp,
             "uri": tracking.tracking_uri(cfg) if c is not None else None, "max_parallel": k, "threads": threads}

@@ -43,7 +43,7 @@ class Terminated(BaseException):
 
 
 _SIGNALLED: list[int] = []  # the first SIGINT/SIGTERM; later ones must not break the cleanup it started
-SHUTDOWN_SECONDS = float(os.environ.get("GPTCORE_SHUTDOWN_SECONDS", "8"))
+SHUTDOWN_SECONDS = float(os.environ.get("GPTCORE_SHUTDOWN_SECONDS", "7"))
 _EXIT_LINE = {130: "interrupted", 143: "terminated"}
 
 
@@ -66,8 +66,8 @@ def _arm_shutdown_deadline() -> None:
     """For `gptcore run`: the first SIGINT/SIGTERM unwinds the main thread (runs marked KILLED, ranks and
     the temporary server stopped); a watcher thread, woken by the signal itself (signal.set_wakeup_fd,
     whichever Python handler Prefect has swapped in), ends the process SHUTDOWN_SECONDS later if the
-    cleanup is still waiting on something (a dead API, a stuck rank). Runs it left RUNNING are
-    reconciled by the next run (their owner is gone). Later Ctrl-Cs are ignored meanwhile."""
+    cleanup is still waiting on something (a dead API, a stuck rank), marking KILLED the MLflow runs
+    still open. Later Ctrl-Cs are ignored meanwhile."""
     import socket
     import threading
 
@@ -86,6 +86,10 @@ def _arm_shutdown_deadline() -> None:
             sig = r.recv(1)[0]
         time.sleep(SHUTDOWN_SECONDS)
         code = 130 if sig == signal.SIGINT else 143
+        if "flows.runner" in sys.modules:  # the runs the main thread did not get to end
+            from flows.runner import end_open_runs
+
+            end_open_runs(f"{_EXIT_LINE[code]}: shutdown did not finish within {SHUTDOWN_SECONDS:.0f} s")
         print(f"{_EXIT_LINE[code]} (cleanup still unfinished after {SHUTDOWN_SECONDS:.0f} s: left it)",
               file=sys.stderr, flush=True)
         os._exit(code)
