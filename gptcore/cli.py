@@ -90,8 +90,8 @@ def _arm_shutdown_deadline() -> None:
             from flows.runner import end_open_runs
 
             end_open_runs(f"{_EXIT_LINE[code]}: shutdown did not finish within {SHUTDOWN_SECONDS:.0f} s")
-        print(f"{_EXIT_LINE[code]} (cleanup still unfinished after {SHUTDOWN_SECONDS:.0f} s: left it)",
-              file=sys.stderr, flush=True)
+        print(f"\n{_EXIT_LINE[code]} (cleanup still unfinished after {SHUTDOWN_SECONDS:.0f} s: left it)",
+              file=sys.stderr, flush=True)  # a new line: Prefect's complaints about the API end without one
         os._exit(code)
 
     threading.Thread(target=watch, name="gptcore-shutdown-deadline", daemon=True).start()
