@@ -6,7 +6,7 @@ Without PREFECT_API_URL, Prefect 3 starts a temporary server itself (a uvicorn s
 `import prefect`, mlflow and torch, and then it waits for /health. Its start (~3-6 s on 2 cores)
 and our imports run one after the other. `prefect_api()` instead:
 
-  1. PREFECT_API_URL is set: use that server, start nothing;
+  1. PREFECT_API_URL is set: use that server, start nothing (nothing answers there: one error line);
   2. a Prefect server answers at `prefect server start`'s default address (PREFECT_LOCAL_SERVER,
      http://127.0.0.1:4200/api): reuse it — runs then also show in its UI;
   3. else start the same temporary server Prefect would (the same uvicorn command and environment:
