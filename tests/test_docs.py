@@ -283,3 +283,17 @@ def test_page_runs_as_written_fast_part(name, tmp_path):
 def test_page_runs_as_written(name, tmp_path):
     """Every runnable block of each page, after the pages it builds on (make test-all)."""
     run_page(name, False, tmp_path)
+
+
+def test_example_outputs_on_the_pages_are_regions_docs_regen_rewrites():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("regen", REPO / "docs" / "regen.py")
+    regen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(regen)
+    found = {name: page for page in PAGES for name in regen.regions((REPO / page).read_text(encoding="utf-8"))}
+    assert found == {name: page for name, (page, _) in regen.EXAMPLES.items()}
+    text = "a\n<!-- regen: x (docs/regen.py) -->\nold\nlines\n<!-- /regen -->\nb\n"
+    assert regen.replace_region(text, "x", "new\n") == "a\n<!-- regen: x (docs/regen.py) -->\nnew\n<!-- /regen -->\nb\n"
+    with pytest.raises(ValueError):
+        regen.replace_region(text, "y", "new\n")
