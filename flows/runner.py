@@ -37,6 +37,9 @@ def _flow_run_id() -> str:
     return str(flow_run.get_id() or "")
 
 
+MODEL_STAGES = ("pretrain", "finetune")  # the stages whose result is a model folder, named in the summary
+
+
 def _numbers(d: dict) -> dict[str, float]:
     return {k: v for k, v in d.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
@@ -124,6 +127,7 @@ class PipelineRun:
     def __init__(self, cfg: Config, until: str = "register", refresh: bool = False, config_path: str = "",
                  parent_run_id: str | None = None):
         self.until, self.rows, self.results, self.parent = until, [], {}, parent_run_id  # parent: e.g. a sweep's run
+        self.models: dict[str, str] = {}  # stage -> the model folder it produced
         uri = tracking.tracking_uri(cfg) if cfg.tracking.enabled else None
         self.ctx = {"config": cfg, "store": str(store_root(cfg)), "refresh": refresh, "uri": uri,
                     "experiment": cfg.tracking.experiment or cfg.run.name, "experiment_id": None, "parent_run_id": None}
@@ -160,6 +164,8 @@ class PipelineRun:
         row = result.pop("_row")
         self.rows.append(row)
         self.results[row["stage"]] = {**_numbers(result), "run_id": result.get("run_id")}
+        if row["stage"] in MODEL_STAGES and isinstance(result.get("dir"), str):
+            self.models[row["stage"]] = result["dir"]
         if row["stage"] == self.until:
             raise Reached(row["stage"])
         return result
@@ -176,7 +182,8 @@ class PipelineRun:
         return etype is Reached
 
     def report(self) -> dict:
-        return {"rows": self.rows, "results": self.results, "uri": self.ctx["uri"], "experiment": self.ctx["experiment"],
+        return {"rows": self.rows, "results": self.results, "models": self.models, "uri": self.ctx["uri"],
+                "experiment": self.ctx["experiment"],
                 "experiment_id": self.ctx["experiment_id"], "run_id": self.ctx["parent_run_id"],
                 "store": self.ctx["store"]}
 
@@ -217,8 +224,18 @@ def format_report(report: dict) -> str:
             f"  look at it:  make ui   (or: mlflow ui --backend-store-uri {uri})",
             f"  then open    http://127.0.0.1:5000/#/experiments/{exp}/runs/{run_id}",
         ]
+    models = report.get("models") or {}
+    if models:
+        lines += ["", "model folders (for gptcore generate, chat, serve, convert):"]
+        lines += [f"  {stage:<{w}}  {_shown(path)}" for stage, path in models.items()]
     lines.append(f"artifacts and cache: {report['store']}")
     return "\n".join(lines)
+
+
+def _shown(path: str) -> str:
+    """`path` relative to the current folder when it lies below it (what a reader types next), else as is."""
+    p, here = Path(path).resolve(), Path.cwd().resolve()
+    return str(p.relative_to(here)) if p.is_relative_to(here) else str(p)
 
 
 class _HideUserErrors(logging.Filter):

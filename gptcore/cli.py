@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shlex
 import signal
 import sys
 import time
@@ -117,6 +118,10 @@ class _App(typer.Typer):
     def __call__(self, *args, **kwargs):
         if "--debug" in sys.argv[1:]:
             _DEBUG["on"] = True
+        if not _DEBUG["on"]:  # a warning is one line, like an error: `warning: <what>`
+            import warnings
+
+            warnings.formatwarning = lambda message, *_args, **_kw: f"warning: {message}\n"
         try:
             signal.signal(signal.SIGTERM, _on_sigterm)
         except ValueError:  # not the main thread (e.g. inside a test runner thread)
@@ -163,13 +168,27 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show Python traceba
         _DEBUG["on"] = True
 
 
-SetOpt = typer.Option(None, "--set", help="Override a config key: section.key=value (repeatable).")
+SetOpt = typer.Option(None, "--set", help="Override a config key: section.key=value (repeatable; "
+                      "after those in $GPTCORE_SET).")
+ENV_OVERRIDES = "GPTCORE_SET"  # e.g. "train.max_steps=20 data.max_bytes=500000": every config-reading verb applies it
+_ENV_SHOWN = {"on": False}
+
+
+def _overrides(overrides: Optional[List[str]]) -> List[str]:
+    """The `--set` overrides of a command, after those of $GPTCORE_SET (space-separated section.key=value,
+    shell-quoted), so the command line wins. A small GPTCORE_SET makes every documented command quick
+    (the docs test runs the pages that way); it is named on stderr so a shrunken run is never a surprise."""
+    env = shlex.split(os.environ.get(ENV_OVERRIDES, ""))
+    if env and not _ENV_SHOWN["on"]:
+        print(f"{ENV_OVERRIDES}: {' '.join(env)}", file=sys.stderr)
+        _ENV_SHOWN["on"] = True
+    return env + list(overrides or [])
 
 
 def _load_config(path: Optional[Path], overrides: Optional[List[str]]):
     from gptcore.config import load_config
 
-    return load_config(path, overrides or [])
+    return load_config(path, _overrides(overrides))
 
 
 # === section: tokenizer (issue 3) ============================================================
@@ -250,7 +269,11 @@ app.add_typer(convert_app, name="convert")
 @app.command()
 def generate(
     checkpoint: Path = typer.Argument(..., help="A model folder (config.json, model.safetensors, tokenizer/)."),
-    prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue (empty: start a new document)."),
+    text: Optional[str] = typer.Argument(None, metavar="[PROMPT]", help="Text to continue (the same as --prompt)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue (empty: start a new document)."),
+    instruction: Optional[str] = typer.Option(None, "--instruction", "-i", help="An instruction, put through the "
+                                              "model's fine-tuning template (its adapter.json / finetune.json; default alpaca)."),
+    input_: Optional[str] = typer.Option(None, "--input", help="The instruction's input (the template's ### Input: block)."),
     max_new_tokens: int = typer.Option(100, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy."),
     top_k: Optional[int] = typer.Option(200, "--top-k"),
@@ -258,17 +281,33 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed"),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter folder to apply."),
 ) -> None:
-    """Stream a continuation of --prompt to stdout."""
+    """Stream a continuation of PROMPT (or --prompt) to stdout; with --instruction, the model's answer."""
     from gptcore.model.folder import load_model
-    from gptcore.model.generate import stream_text
+    from gptcore.model.generate import stream_ids, stream_text
 
+    if text is not None and prompt is not None:
+        fail("the prompt is given twice (PROMPT and --prompt)", "generate", "give one of them")
+    prompt = text if text is not None else prompt
+    if instruction is not None and prompt is not None:
+        fail("--instruction and a prompt exclude each other", "--instruction",
+             "give an instruction (the template is added) or a raw prompt, not both")
+    if input_ is not None and instruction is None:
+        fail("--input needs --instruction", "--input", "add --instruction TEXT")
     model, tokenizer = load_model(checkpoint)
     if adapter is not None:
         from gptcore.model.lora import apply_adapter
 
         model = apply_adapter(model, adapter, base_dir=checkpoint)
-    sys.stdout.write(prompt)
-    for piece in stream_text(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed):
+    if instruction is not None:
+        from gptcore.serving.session import instruction_ids
+
+        ids = instruction_ids(tokenizer, model.config.block_size, instruction, input_ or "", checkpoint, adapter,
+                              room=max_new_tokens)
+        pieces = stream_ids(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, seed)
+    else:
+        sys.stdout.write(prompt or "")
+        pieces = stream_text(model, tokenizer, prompt or "", max_new_tokens, temperature, top_k, top_p, seed)
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -442,9 +481,10 @@ def run_cmd(
 ) -> None:
     """Run the pipeline as Prefect flows tracked in MLflow: download -> tokenizer -> shards -> pretrain
     -> evaluate -> finetune -> register. Stages whose inputs did not change are cache hits."""
-    from gptcore.config import check_config
+    from gptcore.config import check_config, load_config
 
-    check_config(_load_config(config, overrides))  # a bad config is one error line, before Prefect starts
+    overrides = _overrides(overrides)
+    check_config(load_config(config, overrides))  # a bad config is one error line, before Prefect starts
     _arm_shutdown_deadline()
     atexit.register(_skip_teardown)  # registered first, so it runs after Prefect's and MLflow's handlers
     if base is not None and not base.is_dir():
@@ -499,6 +539,7 @@ def sweep_cmd(
     from flows.runner import check_until
     from flows.sweep import parse_grid, plan_cells
 
+    overrides = _overrides(overrides)
     cells = plan_cells(str(config), parse_grid(grid or []), seeds, overrides or [])  # bad input: one line, now
     if max_parallel is not None and max_parallel < 1:
         fail(f"--max-parallel {max_parallel}", "--max-parallel", "pass 1 or more")
