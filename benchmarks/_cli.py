@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def cli_args(description: str | None = None, **defaults) -> argparse.Namespace:
@@ -16,3 +17,10 @@ def cli_args(description: str | None = None, **defaults) -> argparse.Namespace:
 def summary(area: str, what: str, figure: str) -> None:
     """One row of `make bench`'s closing table (benchmarks/_summary.py collects these lines)."""
     print(f"summary: {area} | {what} | {figure}")
+
+
+def cli_env(**extra: str) -> dict:
+    """The environment for a `gptcore` subprocess of a benchmark: this one's, less $GPTCORE_SET (a benchmark
+    measures its configs as written, never a reader's quick-try shrink), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k != "GPTCORE_SET"}
+    return {**env, **extra}

@@ -46,7 +46,7 @@ from gptcore.config import config_from_dict  # noqa: E402
 from gptcore.data.sharding import ShardLoader, iter_documents, prepare_shards  # noqa: E402
 from gptcore.data.shards import shard_header  # noqa: E402
 from gptcore.tokenizer import gpt2_tokenizer  # noqa: E402
-from _cli import cli_args, summary  # noqa: E402  (benchmarks/ is the script's folder)
+from _cli import cli_args, cli_env, summary  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def tiktoken_gpt2():
@@ -127,7 +127,7 @@ print(m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"])
 
 def timed_process(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
     """(wall seconds, peak RSS MB of the largest of the process and the workers it waited for, stdout)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GPTCORE_PROGRESS": "0"}
+    env = cli_env(PYTHONPATH=str(ROOT), GPTCORE_PROGRESS="0")
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t = time.perf_counter()
         p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, text=True)

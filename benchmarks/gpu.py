@@ -104,7 +104,9 @@ def xl_lora_memory(device_name: str) -> dict:
 
 
 def pipeline_100_steps(tmp: Path) -> dict:
-    env = dict(os.environ, GPTCORE_PROGRESS="0", MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db")
+    from _cli import cli_env
+
+    env = cli_env(GPTCORE_PROGRESS="0", MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db")
     sets = ["data.source=python-stdlib", "data.max_bytes=20000000", "train.max_steps=100", "train.eval_every=100",
             "train.ckpt_every=100", f"tracking.result_store={tmp}/store"]
     t0 = time.perf_counter()

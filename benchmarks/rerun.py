@@ -41,7 +41,9 @@ PARTS = {
 
 
 def env_for(tree: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree), "GPTCORE_PROGRESS": "0"}
+    from _cli import cli_env
+
+    env = cli_env(PYTHONPATH=str(tree), GPTCORE_PROGRESS="0")
     env.pop("PREFECT_API_URL", None)
     return env
 

@@ -91,12 +91,7 @@ def run_pipeline(config_path: str, overrides: list[str] | None = None, until: st
 
     if quiet:
         quiet_prefect()
-    from prefect.logging.handlers import APILogWorker
-
-    try:
-        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            return pipeline(config_path=config_path, overrides=list(overrides or []), until=until, refresh=refresh,
-                            base=base)
-    finally:  # send the run's last logs while the server is still up: after it stops they fail on stderr
-        APILogWorker.drain_all(timeout=5)
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        return pipeline(config_path=config_path, overrides=list(overrides or []), until=until, refresh=refresh,
+                        base=base)
 

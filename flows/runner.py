@@ -24,7 +24,7 @@ from prefect.runtime import flow_run
 
 from gptcore.config import Config
 from gptcore.errors import GptcoreError, environment_error, environment_errors
-from tasks import tracking
+from tasks import owners, tracking
 from tasks.caching import damaged, input_digests, lineage_key, run_dir, stage_key, stage_lock, store_root
 from tasks.stages import STAGES
 
@@ -35,6 +35,9 @@ class Reached(Exception):
 
 def _flow_run_id() -> str:
     return str(flow_run.get_id() or "")
+
+
+MODEL_STAGES = ("pretrain", "finetune")  # the stages whose result is a model folder, named in the summary
 
 
 def _numbers(d: dict) -> dict[str, float]:
@@ -95,7 +98,7 @@ def _run_stage(ctx: dict, name: str, **inputs: Any) -> dict:
                 result, cached = call(True, fresh=False)
     except BaseException as exc:
         if c is not None:
-            c.set_terminated(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
+            tracking.end_run(c, run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
         raise
     seconds = time.perf_counter() - t0
     if c is not None:
@@ -107,7 +110,7 @@ def _run_stage(ctx: dict, name: str, **inputs: Any) -> dict:
         pending.update({f"{name}.{k}": v for k, v in {**nums, "seconds": seconds}.items()})
         if not cached:  # a cache hit's figures wait for the next write: one batch for a run of hits
             flush_parent_metrics(c, ctx["parent_run_id"])
-        c.set_terminated(run_id, "FINISHED")
+        tracking.end_run(c, run_id, "FINISHED")
     if name == "register":  # nothing new registered = the registry already had these models
         cached = result.get("new_versions", 1) == 0
     row = {"stage": name, "status": "cached" if cached else "computed", "seconds": round(seconds, 2),
@@ -128,6 +131,7 @@ class PipelineRun:
     def __init__(self, cfg: Config, until: str = "register", refresh: bool = False, config_path: str = "",
                  parent_run_id: str | None = None):
         self.until, self.rows, self.results, self.parent = until, [], {}, parent_run_id  # parent: e.g. a sweep's run
+        self.models: dict[str, str] = {}  # stage -> the model folder it produced
         uri = tracking.tracking_uri(cfg) if cfg.tracking.enabled else None
         self.ctx = {"config": cfg, "store": str(store_root(cfg)), "refresh": refresh, "uri": uri,
                     "experiment": cfg.tracking.experiment or cfg.run.name, "experiment_id": None, "parent_run_id": None}
@@ -137,6 +141,10 @@ class PipelineRun:
     def __enter__(self) -> "PipelineRun":
         if self.c is not None:
             exp = tracking.experiment_id(self.c, self.ctx["experiment"])
+            closed = owners.reconcile(self.c, exp)  # runs a killed gptcore left RUNNING
+            if closed:
+                print(f"[gptcore] marked {len(closed)} run(s) KILLED that a process which is gone left RUNNING",
+                      file=sys.stderr, flush=True)
             run_id = tracking.start_run(self.c, exp, "pipeline", parent=self.parent, tags={
                 "prefect.flow_run_id": _flow_run_id(), "gptcore.config_path": self.config_path,
                 "gptcore.until": self.until, "gptcore.refresh": str(self.ctx["refresh"]).lower()})
@@ -160,6 +168,8 @@ class PipelineRun:
         row = result.pop("_row")
         self.rows.append(row)
         self.results[row["stage"]] = {**_numbers(result), "run_id": result.get("run_id")}
+        if row["stage"] in MODEL_STAGES and isinstance(result.get("dir"), str):
+            self.models[row["stage"]] = result["dir"]
         if row["stage"] == self.until:
             raise Reached(row["stage"])
         return result
@@ -170,15 +180,21 @@ class PipelineRun:
             flush_parent_metrics(self.c, run_id)
             if etype is None or etype is Reached:
                 self.c.log_text(run_id, summary_markdown(self.rows), "summary.md")
-                self.c.set_terminated(run_id, "FINISHED")
+                tracking.end_run(self.c, run_id, "FINISHED")
             else:
-                self.c.set_terminated(run_id, "FAILED" if issubclass(etype, Exception) else "KILLED")
+                tracking.end_run(self.c, run_id, "FAILED" if issubclass(etype, Exception) else "KILLED")
         return etype is Reached
 
     def report(self) -> dict:
-        return {"rows": self.rows, "results": self.results, "uri": self.ctx["uri"], "experiment": self.ctx["experiment"],
+        return {"rows": self.rows, "results": self.results, "models": self.models, "uri": self.ctx["uri"],
+                "experiment": self.ctx["experiment"],
                 "experiment_id": self.ctx["experiment_id"], "run_id": self.ctx["parent_run_id"],
                 "store": self.ctx["store"]}
+
+
+def end_open_runs(reason: str) -> int:
+    """KILLED for the MLflow runs this process started and has not ended: the CLI's forced exit."""
+    return tracking.end_open_runs(reason)
 
 
 def summary_markdown(rows: list[dict]) -> str:
@@ -212,12 +228,22 @@ def format_report(report: dict) -> str:
             f"  look at it:  make ui   (or: mlflow ui --backend-store-uri {uri})",
             f"  then open    http://127.0.0.1:5000/#/experiments/{exp}/runs/{run_id}",
         ]
+    models = report.get("models") or {}
+    if models:
+        lines += ["", "model folders (for gptcore generate, chat, serve, convert):"]
+        lines += [f"  {stage:<{w}}  {_shown(path)}" for stage, path in models.items()]
     lines.append(f"artifacts and cache: {report['store']}")
     return "\n".join(lines)
 
 
+def _shown(path: str) -> str:
+    """`path` relative to the current folder when it lies below it (what a reader types next), else as is."""
+    p, here = Path(path).resolve(), Path.cwd().resolve()
+    return str(p.relative_to(here)) if p.is_relative_to(here) else str(p)
+
+
 class _HideUserErrors(logging.Filter):
-    """Drop Prefect's log records about a GptcoreError or a full disk: the CLI prints that error as one line."""
+    """Drop Prefect's log records about a GptcoreError, a full disk or a signal: the CLI prints that as one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
@@ -227,6 +253,8 @@ class _HideUserErrors(logging.Filter):
             return False  # e.g. "Failed to write result: [Errno 28] ...": the CLI's one line says it
         if record.levelno >= logging.ERROR:
             msg = record.getMessage()
+            if "aborted by an interrupt signal" in msg or "aborted by a termination signal" in msg:
+                return False  # Ctrl-C / SIGTERM: the CLI says "interrupted" / "terminated", once
             return not any(f"{n}(" in msg or f"{n}:" in msg for n in _user_error_names())
         return True
 

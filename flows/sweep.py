@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 from pathlib import Path
 
 import tasks  # noqa: F401  (offline defaults first)
@@ -79,8 +80,9 @@ def run_cell(config_path: str, overrides: list[str], until: str, parent_run_id: 
     from flows.runner import quiet_prefect
 
     torch.set_num_threads(threads)
-    if worker:  # a fresh process: Prefect's console as quiet as `gptcore run`'s
+    if worker:  # a fresh process: Prefect's console as quiet as `gptcore run`'s; SIGTERM unwinds the cell
         quiet_prefect()
+        signal.signal(signal.SIGTERM, _on_sigterm)
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), transaction(commit_mode=CommitMode.EAGER):
         return pipeline(config_path=config_path, overrides=overrides, until=until, parent_run_id=parent_run_id)
 
@@ -127,19 +129,48 @@ def sweep(config_path: str, grid: dict[str, list[str]], seeds: int = 2, override
             if url:  # spawned workers report to this flow's server instead of starting their own
                 os.environ["PREFECT_API_URL"] = url
             with ProcessPoolTaskRunner(max_workers=k) as runner:
-                futures = [runner.submit(run_cell, parameters=p) for p in params]
-                outcomes += [_outcome(cell, fut.result) for cell, fut in zip(cells, futures)]
+                try:
+                    futures = [runner.submit(run_cell, parameters=p) for p in params]
+                    outcomes += [_outcome(cell, fut.result) for cell, fut in zip(cells, futures)]
+                except BaseException:  # Ctrl-C / SIGTERM: the runner's exit would wait for running cells
+                    stop_workers(runner)
+                    raise
     except BaseException:
         if c is not None:
-            c.set_terminated(run_id, "KILLED")
+            tracking.end_run(c, run_id, "KILLED")
         raise
     table = comparison(outcomes, list(dict.fromkeys(cell["variant"] for cell in cells)))
     if c is not None:
         _log_sweep(c, run_id, outcomes, table, store_root(cfg) / "sweeps")
-        c.set_terminated(run_id, "FINISHED" if all("report" in o for o in outcomes) else "FAILED")
+        tracking.end_run(c, run_id, "FINISHED" if all("report" in o for o in outcomes) else "FAILED")
     return {"table": table, "cells": [{k_: v for k_, v in o.items() if k_ != "report"} | _cell_numbers(o)
                                       for o in outcomes], "run_id": run_id, "experiment_id": exp,
             "uri": tracking.tracking_uri(cfg) if c is not None else None, "max_parallel": k, "threads": threads}
+
+
+def stop_workers(runner: ProcessPoolTaskRunner, grace: float = 10.0) -> None:
+    """SIGTERM every worker process of `runner`, SIGKILL those still alive after `grace` seconds.
+
+    ProcessPoolTaskRunner's exit cancels queued cells but waits for the running ones, which would
+    let a stopped sweep train on for minutes. Each worker's SIGTERM ends its cell like a SIGTERM
+    to `gptcore run` does (its stage runs are marked KILLED, its torchrun ranks stopped).
+    The worker list is concurrent.futures' own (`_processes`): Prefect exposes no public handle."""
+    import time
+
+    executor = getattr(runner, "_executor", None)
+    procs = [p for p in (getattr(executor, "_processes", None) or {}).values() if p.is_alive()]
+    for p in procs:
+        p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(1)
+
+
+def _on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _outcome(cell: dict, result) -> dict:

@@ -9,15 +9,19 @@
     gptcore run | sweep | deploy                              (flows/, imported lazily)
 
 A user error (`GptcoreError`) prints `error: <what> (<where>): <what to do>` and exits 2; Ctrl-C
-exits 130 and SIGTERM 143, cleanly. `--debug` shows the traceback instead.
+exits 130 ("interrupted") and SIGTERM 143 ("terminated"), cleanly. `--debug` shows the traceback
+instead. After a signal, `gptcore run` ends within SHUTDOWN_SECONDS whatever its cleanup waits on
+(docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import shlex
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import List, Optional
@@ -39,8 +43,69 @@ class Terminated(BaseException):
     """SIGTERM, turned into an exception so `finally` blocks and servers shut down normally."""
 
 
+_SIGNALLED: list[int] = []  # the first SIGINT/SIGTERM; later ones must not break the cleanup it started
+SHUTDOWN_SECONDS = float(os.environ.get("GPTCORE_SHUTDOWN_SECONDS", "7"))
+_EXIT_LINE = {130: "interrupted", 143: "terminated"}
+
+
 def _on_sigterm(signum, frame):
-    raise Terminated()
+    if not (_SIGNALLED and _FAST_EXIT["on"]):
+        _SIGNALLED.append(signum)
+        raise Terminated()
+
+
+def _on_sigint(signum, frame):
+    if not (_SIGNALLED and _FAST_EXIT["on"]):
+        _SIGNALLED.append(signum)
+        raise KeyboardInterrupt()
+
+
+_FAST_EXIT = {"on": False, "keep": None}
+
+
+def _arm_shutdown_deadline() -> None:
+    """For `gptcore run`: the first SIGINT/SIGTERM unwinds the main thread (runs marked KILLED, ranks and
+    the temporary server stopped); a watcher thread, woken by the signal itself (signal.set_wakeup_fd,
+    whichever Python handler Prefect has swapped in), ends the process SHUTDOWN_SECONDS later if the
+    cleanup is still waiting on something (a dead API, a stuck rank), marking KILLED the MLflow runs
+    still open. Later Ctrl-Cs are ignored meanwhile."""
+    import socket
+    import threading
+
+    r, w = socket.socketpair()
+    w.setblocking(False)
+    try:
+        signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGINT, _on_sigint)
+    except ValueError:  # not the main thread
+        return
+    _FAST_EXIT.update(on=True, keep=(r, w))
+
+    def watch() -> None:
+        sig = 0
+        while sig not in (signal.SIGINT, signal.SIGTERM):  # other signals (SIGALRM: Prefect's timeouts) pass
+            sig = r.recv(1)[0]
+        time.sleep(SHUTDOWN_SECONDS)
+        code = 130 if sig == signal.SIGINT else 143
+        if "flows.runner" in sys.modules:  # the runs the main thread did not get to end
+            from flows.runner import end_open_runs
+
+            end_open_runs(f"{_EXIT_LINE[code]}: shutdown did not finish within {SHUTDOWN_SECONDS:.0f} s")
+        print(f"\n{_EXIT_LINE[code]} (cleanup still unfinished after {SHUTDOWN_SECONDS:.0f} s: left it)",
+              file=sys.stderr, flush=True)  # a new line: Prefect's complaints about the API end without one
+        os._exit(code)
+
+    threading.Thread(target=watch, name="gptcore-shutdown-deadline", daemon=True).start()
+
+
+def _leave(code: int) -> None:
+    """Exit with `code` after a signal: the line, then (for `gptcore run`, whose cleanup is done by now)
+    no interpreter teardown, where Prefect would retry shipping logs to the server it no longer has."""
+    print(_EXIT_LINE[code], file=sys.stderr, flush=True)
+    if _FAST_EXIT["on"]:
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def fail(what: str, where: str | None = None, fix: str | None = None) -> None:
@@ -53,6 +118,10 @@ class _App(typer.Typer):
     def __call__(self, *args, **kwargs):
         if "--debug" in sys.argv[1:]:
             _DEBUG["on"] = True
+        if not _DEBUG["on"]:  # a warning is one line, like an error: `warning: <what>`
+            import warnings
+
+            warnings.formatwarning = lambda message, *_args, **_kw: f"warning: {message}\n"
         try:
             signal.signal(signal.SIGTERM, _on_sigterm)
         except ValueError:  # not the main thread (e.g. inside a test runner thread)
@@ -64,15 +133,10 @@ class _App(typer.Typer):
                 traceback.print_exc()
             print(f"error: {exc.message()}", file=sys.stderr)
             sys.exit(2)
-        except Abort:
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
+        except (Abort, KeyboardInterrupt):
+            _leave(130)
         except Terminated:
-            print("terminated", file=sys.stderr)
-            sys.exit(143)
+            _leave(143)
         except ClickException as exc:
             exc.show()
             sys.exit(exc.exit_code)
@@ -86,6 +150,12 @@ class _App(typer.Typer):
                 raise
             print(f"error: {err.message()}", file=sys.stderr)
             sys.exit(2)
+        except BaseException as exc:
+            if type(exc).__name__ != "TerminationSignal":  # Prefect's SIGTERM, if it outran ours
+                raise
+            _leave(143)
+        if code == 130:  # typer (>= 0.29) turns a KeyboardInterrupt into this return code, silently
+            _leave(130)
         sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -104,13 +174,27 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show Python traceba
         _DEBUG["on"] = True
 
 
-SetOpt = typer.Option(None, "--set", help="Override a config key: section.key=value (repeatable).")
+SetOpt = typer.Option(None, "--set", help="Override a config key: section.key=value (repeatable; "
+                      "after those in $GPTCORE_SET).")
+ENV_OVERRIDES = "GPTCORE_SET"  # e.g. "train.max_steps=20 data.max_bytes=500000": every config-reading verb applies it
+_ENV_SHOWN = {"on": False}
+
+
+def _overrides(overrides: Optional[List[str]]) -> List[str]:
+    """The `--set` overrides of a command, after those of $GPTCORE_SET (space-separated section.key=value,
+    shell-quoted), so the command line wins. A small GPTCORE_SET makes every documented command quick
+    (the docs test runs the pages that way); it is named on stderr so a shrunken run is never a surprise."""
+    env = shlex.split(os.environ.get(ENV_OVERRIDES, ""))
+    if env and not _ENV_SHOWN["on"]:
+        print(f"{ENV_OVERRIDES}: {' '.join(env)}", file=sys.stderr)
+        _ENV_SHOWN["on"] = True
+    return env + list(overrides or [])
 
 
 def _load_config(path: Optional[Path], overrides: Optional[List[str]]):
     from gptcore.config import load_config
 
-    return load_config(path, overrides or [])
+    return load_config(path, _overrides(overrides))
 
 
 # === section: tokenizer (issue 3) ============================================================
@@ -191,7 +275,11 @@ app.add_typer(convert_app, name="convert")
 @app.command()
 def generate(
     checkpoint: Path = typer.Argument(..., help="A model folder (config.json, model.safetensors, tokenizer/)."),
-    prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue (empty: start a new document)."),
+    text: Optional[str] = typer.Argument(None, metavar="[PROMPT]", help="Text to continue (the same as --prompt)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue (empty: start a new document)."),
+    instruction: Optional[str] = typer.Option(None, "--instruction", "-i", help="An instruction, put through the "
+                                              "model's fine-tuning template (its adapter.json / finetune.json; default alpaca)."),
+    input_: Optional[str] = typer.Option(None, "--input", help="The instruction's input (the template's ### Input: block)."),
     max_new_tokens: int = typer.Option(100, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy."),
     top_k: Optional[int] = typer.Option(200, "--top-k"),
@@ -199,17 +287,33 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed"),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter folder to apply."),
 ) -> None:
-    """Stream a continuation of --prompt to stdout."""
+    """Stream a continuation of PROMPT (or --prompt) to stdout; with --instruction, the model's answer."""
     from gptcore.model.folder import load_model
-    from gptcore.model.generate import stream_text
+    from gptcore.model.generate import stream_ids, stream_text
 
+    if text is not None and prompt is not None:
+        fail("the prompt is given twice (PROMPT and --prompt)", "generate", "give one of them")
+    prompt = text if text is not None else prompt
+    if instruction is not None and prompt is not None:
+        fail("--instruction and a prompt exclude each other", "--instruction",
+             "give an instruction (the template is added) or a raw prompt, not both")
+    if input_ is not None and instruction is None:
+        fail("--input needs --instruction", "--input", "add --instruction TEXT")
     model, tokenizer = load_model(checkpoint)
     if adapter is not None:
         from gptcore.model.lora import apply_adapter
 
         model = apply_adapter(model, adapter, base_dir=checkpoint)
-    sys.stdout.write(prompt)
-    for piece in stream_text(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed):
+    if instruction is not None:
+        from gptcore.serving.session import instruction_ids
+
+        ids = instruction_ids(tokenizer, model.config.block_size, instruction, input_ or "", checkpoint, adapter,
+                              room=max_new_tokens)
+        pieces = stream_ids(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, seed)
+    else:
+        sys.stdout.write(prompt or "")
+        pieces = stream_text(model, tokenizer, prompt or "", max_new_tokens, temperature, top_k, top_p, seed)
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -384,8 +488,12 @@ def run_cmd(
     """Run the pipeline as Prefect flows tracked in MLflow: download -> tokenizer -> shards -> pretrain
     -> evaluate -> finetune -> register. Stages whose inputs did not change are cache hits."""
     from flows.preflight import check_environment
+    from gptcore.config import check_config, load_config
 
-    cfg = _load_config(config, overrides)
+    overrides = _overrides(overrides)
+    cfg = load_config(config, overrides)
+    check_config(cfg)  # a bad config is one error line, before Prefect starts
+    _arm_shutdown_deadline()
     atexit.register(_skip_teardown)  # registered first, so it runs after Prefect's and MLflow's handlers
     if base is not None and not base.is_dir():
         fail("base model folder not found", str(base), "pass a folder written by pretrain or `gptcore convert from-hf`")
@@ -440,6 +548,7 @@ def sweep_cmd(
     from flows.runner import check_until
     from flows.sweep import parse_grid, plan_cells
 
+    overrides = _overrides(overrides)
     cells = plan_cells(str(config), parse_grid(grid or []), seeds, overrides or [])  # bad input: one line, now
     from flows.preflight import check_environment
 

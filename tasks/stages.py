@@ -219,12 +219,14 @@ def _tracked(config: Config, track: dict | None, engine: str, args: list, out: P
 
     c, run_id = _client(track)
     buf = tracking.MetricBuffer(c, run_id, every=config.tracking.log_every)
-    with tracking.system_metrics(track), _Work() as w:
-        if config.train.nnodes > 1:  # one deployment run per node (tasks/nodes.py)
-            summary = nodes.run_on_nodes(engine, config, args, out, callbacks=[buf])
-        else:
-            summary = launch.run_engine(engine, config, args, out, callbacks=[buf])
-    buf.flush()
+    try:
+        with tracking.system_metrics(track), _Work() as w:
+            if config.train.nnodes > 1:  # one deployment run per node (tasks/nodes.py)
+                summary = nodes.run_on_nodes(engine, config, args, out, callbacks=[buf])
+            else:
+                summary = launch.run_engine(engine, config, args, out, callbacks=[buf])
+    finally:  # Ctrl-C, SIGTERM, a failure: the rows since the last batch still reach MLflow
+        buf.flush()
     if c is not None:
         tracking.log_params(c, run_id, {k: summary.get(k) for k in ("world_size", "nnodes", "device", "dtype")})
     return summary, {"work_seconds": w.seconds - buf.seconds, "tracking_seconds": buf.seconds}

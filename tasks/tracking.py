@@ -29,6 +29,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from tasks import owners
 from tasks.caching import file_lock
 from tasks.tracking_store import DEFAULT_URI, tracking_uri  # noqa: F401  (their home; re-exported)
 
@@ -65,10 +66,34 @@ def _artifact_location(c: MlflowClient, name: str) -> str | None:
 
 
 def start_run(c: MlflowClient, exp_id: str, name: str, parent: str | None = None, tags: dict | None = None) -> str:
-    tags = {k: str(v) for k, v in (tags or {}).items()}
+    """A new RUNNING run, tagged with its owner process (tasks/owners.py: a dead owner's runs get closed)."""
+    tags = {**owners.owner_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
     if parent:
         tags["mlflow.parentRunId"] = parent
-    return c.create_run(exp_id, run_name=name, tags=tags).info.run_id
+    run_id = c.create_run(exp_id, run_name=name, tags=tags).info.run_id
+    _OPEN[run_id] = c
+    return run_id
+
+
+_OPEN: dict[str, MlflowClient] = {}  # the runs this process started and has not ended
+
+
+def end_run(c: MlflowClient, run_id: str, status: str) -> None:
+    """End `run_id` as FINISHED, FAILED or KILLED."""
+    c.set_terminated(run_id, status)
+    _OPEN.pop(run_id, None)
+
+
+def end_open_runs(reason: str) -> int:
+    """KILLED for every run this process started and has not ended (a forced exit: `gptcore run`'s
+    shutdown deadline), with `reason` as tag gptcore.killed_reason; how many. Best effort."""
+    n = 0
+    for run_id, c in list(_OPEN.items()):
+        with contextlib.suppress(Exception):
+            c.set_tag(run_id, owners.REASON, reason)
+            end_run(c, run_id, "KILLED")
+            n += 1
+    return n
 
 
 def _finite(v: Any) -> bool:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from gptcore.config import load_config, parse_override
@@ -64,3 +66,26 @@ def test_run_checks_the_whole_config_before_any_stage(run_cli):
     assert "[gptcore]" not in r.stderr  # no stage ran
     r = run_cli("run", cfg, "--base", cfg.parent, "--until", "pretrain", timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: --until pretrain never happens with --base")
+
+
+def test_gptcore_set_environment_overrides_come_before_the_command_line(run_cli):
+    """$GPTCORE_SET (what the docs test uses to shrink the pages' commands) acts like `--set`s placed
+    before the command line's own, and is named on stderr."""
+    repo = Path(__file__).resolve().parents[1]
+    cfg = repo / "configs" / "tiny.yaml"
+    by_flag = run_cli("plan", cfg, "--set", "model.n_layer=2", "--set", "train.batch_size=4")
+    assert by_flag.returncode == 0, by_flag.stderr
+    by_env = run_cli("plan", cfg, env={"GPTCORE_SET": "model.n_layer=2 'train.batch_size=4'"})
+    assert by_env.returncode == 0 and _plan(by_env) == _plan(by_flag)
+    assert by_env.stderr.splitlines() == ["GPTCORE_SET: model.n_layer=2 train.batch_size=4"]
+    plain = run_cli("plan", cfg)
+    assert "2 layers" in by_flag.stdout and "4 layers" in plain.stdout and plain.stdout != by_flag.stdout
+    wins = run_cli("plan", cfg, "--set", "model.n_layer=4", env={"GPTCORE_SET": "model.n_layer=2"})
+    assert _plan(wins) == _plan(plain)  # the command line wins
+    bad = run_cli("plan", cfg, env={"GPTCORE_SET": "train.nope=1"})
+    assert bad.returncode == 2 and "train.nope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _plan(proc) -> list[str]:
+    """`gptcore plan`'s lines that depend on the config only (free memory and measured speed move between calls)."""
+    return [ln for ln in proc.stdout.splitlines() if ln.startswith(("model ", "parameters", "tokens / step"))]

@@ -351,6 +351,10 @@ def test_cli_finetune_then_generate_with_the_adapter(base, tmp_path, run_cli):
     r = run_cli("generate", base, "--adapter", tmp_path / "out" / "adapter", "-p", "def", "-n", "3", "-t", "0")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("def")
+    assert json.loads((tmp_path / "out" / "adapter" / "adapter.json").read_text())["prompt_template"] == "alpaca"
+    r = run_cli("generate", base, "--adapter", tmp_path / "out" / "adapter", "--instruction", "Add a and b.",
+                "--input", "def add(a, b):", "-n", "3", "-t", "0")
+    assert r.returncode == 0, r.stderr
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,14 @@ def test_second_run_is_all_cache_hits_and_model_change_reruns_pretrain_not_token
     assert status(second) == {s: "cached" for s in STAGES}
     assert dict(calls) == {s: 1 for s in STAGES if s != "register"}  # no stage did any work
     assert [r["metric"] for r in second["rows"]][:6] == [r["metric"] for r in first["rows"]][:6]
+    from flows.runner import format_report
+
+    assert set(second["models"]) == {"pretrain", "finetune"} and second["models"] == first["models"]
+    text = format_report(second)  # the summary names the model folders, as a path to type from here
+    for stage, folder in second["models"].items():
+        assert (Path(folder) / "config.json").is_file()
+        assert re.search(rf"^  {stage} +{re.escape(str(Path(folder).resolve().relative_to(Path.cwd().resolve())))}$",
+                         text, re.M), text
 
     third = run(["model.n_layer=1"])  # the model changed: data side cached, model side recomputed
     assert status(third) == {"download": "cached", "train_tokenizer": "cached", "shard": "cached",

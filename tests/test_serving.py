@@ -142,3 +142,34 @@ def test_serve_openai_endpoints_on_a_real_server(tuned, server):
 
 
 
+
+
+def test_generate_instruction_goes_through_the_template(tuned, run_cli, tmp_path):
+    """`gptcore generate --instruction/--input` answers the Alpaca prompt fine-tuning trained on, and a
+    prompt is accepted positionally as well as with --prompt."""
+    from gptcore.data.sft import format_prompt
+    from gptcore.model.folder import load_model
+    from gptcore.serving.session import instruction_ids, prompt_template
+
+    record = {"instruction": "Return the sum of a and b.", "input": "def add(a, b):\n    return a + b"}
+    model, tok = load_model(tuned)
+    ids = instruction_ids(tok, model.config.block_size, record["instruction"], record["input"], tuned, room=12)
+    text = tok.decode(ids)
+    assert text == format_prompt(record)  # the template, with its trailing newline after '### Response:'
+    assert text.startswith("Below is an instruction that describes a task.") and text.endswith(
+        "### Input:\ndef add(a, b):\n    return a + b\n\n### Response:\n")
+    r = run_cli("generate", tuned, "--instruction", record["instruction"], "--input", record["input"], "-t", "0", "-n", "12")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == greedy(tuned, ids, 12) + "\n"
+
+    by_arg = run_cli("generate", tuned, "def add(", "-n", "6", "--seed", "3")
+    by_opt = run_cli("generate", tuned, "--prompt", "def add(", "-n", "6", "--seed", "3")
+    assert by_arg.returncode == 0 and by_arg.stdout == by_opt.stdout and by_arg.stdout.startswith("def add(")
+    for args in (("x", "--prompt", "y"), ("--input", "x"), ("x", "--instruction", "y")):
+        bad = run_cli("generate", tuned, *args)
+        assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr, args
+
+    # a folder that records no template (a pre-trained model) gets the default one, alpaca
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert prompt_template(plain) == "alpaca" and prompt_template(tuned) == "alpaca"

@@ -47,12 +47,22 @@ def test_health_probe(fake_api):
     assert not server.healthy(f"http://127.0.0.1:{_closed_port()}/api")
 
 
-def test_a_set_api_url_is_used_and_nothing_starts(monkeypatch):
-    monkeypatch.setenv("PREFECT_API_URL", "http://example.invalid/api")
+def test_a_set_api_url_is_used_and_nothing_starts(monkeypatch, fake_api):
+    monkeypatch.setenv("PREFECT_API_URL", fake_api)
     monkeypatch.setattr(server, "TemporaryServer", lambda: pytest.fail("started a server"))
     with server.prefect_api() as ready:
         ready()
-        assert server.os.environ["PREFECT_API_URL"] == "http://example.invalid/api"
+        assert server.os.environ["PREFECT_API_URL"] == fake_api
+
+
+def test_a_set_api_url_that_nothing_answers_is_a_user_error(monkeypatch):
+    from gptcore.errors import GptcoreError
+
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{_closed_port()}/api")
+    monkeypatch.setattr(server, "TemporaryServer", lambda: pytest.fail("started a server"))
+    with pytest.raises(GptcoreError, match=r"no Prefect API answers .*\(PREFECT_API_URL\)"):
+        with server.prefect_api():
+            pytest.fail("ran with an API that is not there")
 
 
 def test_a_running_local_server_is_reused(monkeypatch, fake_api):

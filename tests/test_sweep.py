@@ -117,3 +117,54 @@ def test_sweep_parallel_real(tmp_path, run_cli):
     assert r.stderr.count("train_tokenizer: computed") == 1 and r.stderr.count("train_tokenizer: cached") == 1
     r2 = run_cli(*args, env=env, cwd=tmp_path, timeout=900)
     assert r2.returncode == 0 and "computed" not in r2.stderr.replace("register: computed", "")
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_parallel_sweep_and_its_workers(tmp_path):
+    """SIGTERM to `gptcore sweep` while two cells train in worker processes: it exits 143 promptly,
+    no worker (or anything else it started) outlives it, and the sweep and cell runs are KILLED."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    from mlflow.tracking import MlflowClient
+
+    sets = ["data.max_bytes=300000", "tokenizer.vocab_size=512", "model.n_layer=1", "model.n_embd=32",
+            "train.max_steps=100000", "train.eval_every=1000", "train.ckpt_every=1000", "data.num_proc=1",
+            "train.progress=false", "train.num_threads=1", "run.name=t"]
+    args = [sys.executable, "-m", "gptcore.cli", "sweep", str(REPO / "configs/tiny.yaml"), "--grid",
+            "model.pos=learned,rope", "--seeds", "1", "--max-parallel", "2", *[x for s in sets for x in ("--set", s)]]
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/m.db")
+    env.pop("PREFECT_API_URL", None)
+    err = tmp_path / "stderr"
+    p = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=open(err, "w"),
+                         start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while len(list(tmp_path.glob(".gptcore/runs/pretrain/*/metrics.jsonl"))) < 2:  # both cells training
+            assert p.poll() is None and time.time() < deadline, err.read_text()[-3000:]
+            time.sleep(0.5)
+        time.sleep(2)
+        before = psutil.Process(p.pid).children(recursive=True)
+        t0 = time.monotonic()
+        os.kill(p.pid, signal.SIGTERM)  # the parent alone, as `kill PID` or a scheduler does
+        p.wait(timeout=60)
+        seconds = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    text = err.read_text()
+    assert p.returncode == 143, text[-3000:]
+    assert seconds <= 20, f"{seconds:.1f} s"
+    assert "Traceback" not in text, text[-3000:]
+    _, alive = psutil.wait_procs(before, timeout=5)
+    assert not [q for q in alive if q.is_running() and q.status() != psutil.STATUS_ZOMBIE], "a worker outlived the sweep"
+    c = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    exp = c.get_experiment_by_name("t")
+    status = {}
+    for r in c.search_runs([exp.experiment_id]):
+        status.setdefault(r.info.run_name, set()).add(r.info.status)
+    assert status["sweep"] == {"KILLED"} and status["pretrain"] == {"KILLED"}, status

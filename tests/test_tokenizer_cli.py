@@ -68,6 +68,16 @@ def test_cli_bad_input(run_cli, tmp_path):
         p = run_cli("tokenizer", "train", *files, "--vocab-size", 300, "--out", out)
         _one_error_line(p, name)
         assert not out.exists()
+    # an empty file among others (gptcore/*.py has an empty __init__.py) is skipped with one warning line
+    p = run_cli("tokenizer", "train", empty, good, "--vocab-size", 300, "--out", tmp_path / "skip")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.strip().splitlines() == [f"warning: skipped 1 empty file(s): {empty}"]
+    assert load_tokenizer(tmp_path / "skip").merges == BPETokenizer.train(CORPUS, 300).merges
+    blank = tmp_path / "blank.txt"
+    blank.write_text("  \n\n")
+    p = run_cli("tokenizer", "train", empty, blank, "--vocab-size", 300, "--out", tmp_path / "none")
+    _one_error_line(p, "every file is empty", "empty.txt")
+    assert not (tmp_path / "none").exists()
     p = run_cli("tokenizer", "train", good, binary, "--vocab-size", 400, "--backend", "sentencepiece",
                 "--out", tmp_path / "sp")
     _one_error_line(p, "blob.bin")

@@ -35,6 +35,33 @@ def read_prompt_template(model_dir: str | Path) -> str | None:
                               "fine-tune again, or delete the file to use the model without a template") from None
 
 
+def prompt_template(model_dir: str | Path, adapter_dir: str | Path | None = None) -> str:
+    """The template to put an instruction through: the adapter's (its adapter.json) when one is applied,
+    else the folder's (finetune.json), else the default, alpaca (the one gptcore fine-tunes with)."""
+    if adapter_dir is not None:
+        from gptcore.model.lora import read_adapter_meta
+
+        template = read_adapter_meta(adapter_dir).get("prompt_template")
+    else:
+        template = read_prompt_template(model_dir)
+    template = template or TEMPLATES[0]
+    if template not in TEMPLATES:
+        raise ConfigError(f"unknown prompt template {template!r}", str(adapter_dir or model_dir),
+                          f"known templates: {', '.join(TEMPLATES)}")
+    return template
+
+
+def instruction_ids(tokenizer, block_size: int, instruction: str, input: str = "", model_dir: str | Path = ".",
+                    adapter_dir: str | Path | None = None, room: int = 0) -> list[int]:
+    """The token ids of one instruction (and its input) in the model's template, exactly as fine-tuning
+    encoded its prompts (`gptcore.data.sft.Encoder`), the input cut so `room` new tokens fit."""
+    from gptcore.data.sft import Encoder
+
+    prompt_template(model_dir, adapter_dir)  # the only template is alpaca: this checks the folder names it
+    return Encoder(tokenizer, block_size).prompt_ids({"instruction": instruction, "input": input},
+                                                     room=min(room, block_size // 2))
+
+
 @dataclass
 class Reply:
     """What a finished stream produced: its text, how many tokens, and why it ended

@@ -14,6 +14,7 @@ a config asks for, or get OpenAI's GPT-2 vocabulary.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -80,7 +81,10 @@ def _take_bytes(texts: Iterable[str], limit: int):
 
 
 def read_text_files(paths: Sequence[str | Path]) -> Iterable[str]:
-    """Stream the texts of `paths`, refusing a missing, empty, binary or non-UTF-8 file by name."""
+    """Stream the texts of `paths`, refusing a missing, binary or non-UTF-8 file by name. An empty
+    (or all-whitespace) file is skipped with a warning, so `gptcore/*.py` may include an empty
+    `__init__.py`; only when every file is empty is that an error."""
+    skipped = []
     for p in paths:
         p = Path(p)
         try:
@@ -90,13 +94,20 @@ def read_text_files(paths: Sequence[str | Path]) -> Iterable[str]:
         except OSError as exc:
             raise DataError(f"cannot read file ({exc.strerror})", str(p), "check the path") from None
         if not data.strip():
-            raise DataError("file is empty", str(p), "give files with text to train on")
+            skipped.append(str(p))
+            continue
         if b"\0" in data:
             raise DataError("file is binary (contains NUL bytes)", str(p), "give UTF-8 text files")
         try:
             yield data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise DataError(f"file is not UTF-8 text (byte {exc.start})", str(p), "give UTF-8 text files") from None
+    if skipped and len(skipped) == len(paths):
+        where = skipped[0] if len(skipped) == 1 else f"{skipped[0]} and {len(skipped) - 1} more"
+        raise DataError("file is empty" if len(skipped) == 1 else "every file is empty", where,
+                        "give files with text to train on")
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} empty file(s): {', '.join(skipped)}", stacklevel=2)
 
 
 def train_files(files: Sequence[str | Path], out_dir: str | Path, vocab_size: int, pattern: str = "gpt4",
