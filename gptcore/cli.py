@@ -551,8 +551,9 @@ def sweep_cmd(
     overrides = _overrides(overrides)
     cells = plan_cells(str(config), parse_grid(grid or []), seeds, overrides or [])  # bad input: one line, now
     from flows.preflight import check_environment
+    from gptcore.config import load_config
 
-    check_environment(_load_config(config, overrides))
+    check_environment(load_config(config, overrides))  # overrides: GPTCORE_SET's already in
     if max_parallel is not None and max_parallel < 1:
         fail(f"--max-parallel {max_parallel}", "--max-parallel", "pass 1 or more")
     check_until(until)
