@@ -185,11 +185,10 @@ def test_a_full_disk_mid_training_is_one_line_and_keeps_the_checkpoints(tmp_path
     while not list(store.glob("runs/pretrain/*/checkpoints/step_000005")):
         assert p.poll() is None and time.time() < deadline, p.communicate()
         time.sleep(0.1)
-    with open(small_disk / "filler", "wb") as f:  # take every byte that is left
-        try:
+    with open(small_disk / "filler", "wb", buffering=0) as f:  # take every byte that is left (unbuffered:
+        try:                                                      # close has nothing left to flush)
             while True:
                 f.write(b"\0" * (1 << 16))
-                f.flush()
         except OSError:
             pass
     out, err = p.communicate(timeout=300)
