@@ -222,9 +222,7 @@ def evaluate(config: Config, key: str, store: str, model: dict, shards: dict, tr
     with atomic_dir(out) as tmp, _Work() as w:
         res = ev.evaluate_checkpoint(model["dir"], shards["dir"], config=config, tasks=tasks_, out_file=tmp / "eval.json")
         atomic_write_text(tmp / "eval.txt", ev.format_report(res) + "\n")
-        samples = res["tasks"].get("samples", [])
-        atomic_write_text(tmp / "samples.txt", "".join(
-            f"--- seed {s['seed']}, prompt {s['prompt']!r}\n{s['prompt']}{s['text']}\n\n" for s in samples))
+        atomic_write_text(tmp / "samples.txt", ev.format_samples(res))
     for name in ("eval.json", "eval.txt", "samples.txt"):
         _log_artifact(track, out / name)
     val = res["tasks"].get("val", {})

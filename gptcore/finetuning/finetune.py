@@ -216,7 +216,8 @@ def _finetune(config, base_dir: Path, out_dir: Path, callbacks: list, info: D.Di
     held_out = data.test or data.val
     if data.task == "instruct":
         summary["samples"] = instruct_samples(model, enc, held_out[: ft.num_samples], config.eval.sample_tokens, device, amp,
-                                              seed=config.run.seed)
+                                              seed=config.run.seed, repetition_penalty=config.eval.repetition_penalty,
+                                              no_repeat_ngram_size=config.eval.no_repeat_ngram_size)
         atomic_write_json(out_dir / "samples.json", summary["samples"])
         atomic_write_text(out_dir / "samples.txt", format_samples(summary["samples"], f"{ft.dataset}: held-out instructions"))
     else:
