@@ -38,6 +38,7 @@ from gptcore.fileio import atomic_dir, atomic_write_text, link_tree, sha256_file
 from gptcore.reads import Reads
 from tasks import nodes, tracking
 from tasks.caching import artifact_dir
+from tasks.progress_log import StageProgress, stage_logger
 
 # The key is computed by the flow from content hashes; Prefect adds the task's own source.
 BY_CONTENT = CachePolicy.from_cache_key_fn(lambda ctx, params: params["key"]) + TASK_SOURCE
@@ -191,11 +192,13 @@ def _tracked(config: Config, track: dict | None, engine: str, args: list, out: P
 
     c, run_id = _client(track)
     buf = tracking.MetricBuffer(c, run_id, every=config.tracking.log_every)
+    total = config.train.max_steps if engine == "pretrain" else config.finetune.max_steps
+    callbacks = [buf, StageProgress(stage_logger(), engine, total)]  # progress lines in Prefect's logs (--watch)
     with tracking.system_metrics(track), _Work() as w:
         if config.train.nnodes > 1:  # one deployment run per node (tasks/nodes.py)
-            summary = nodes.run_on_nodes(engine, config, args, out, callbacks=[buf])
+            summary = nodes.run_on_nodes(engine, config, args, out, callbacks=callbacks)
         else:
-            summary = launch.run_engine(engine, config, args, out, callbacks=[buf])
+            summary = launch.run_engine(engine, config, args, out, callbacks=callbacks)
     buf.flush()
     if c is not None:
         tracking.log_params(c, run_id, {k: summary.get(k) for k in ("world_size", "nnodes", "device", "dtype")})
