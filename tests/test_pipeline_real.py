@@ -154,6 +154,7 @@ def test_deployment_round_trip_on_a_real_prefect_server(tmp_path):
             log = (tmp_path / "worker.log").read_text()[-3000:]
             assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:] + log
             assert "Completed" in run.stdout + run.stderr
+            assert "pretrain: step " in run.stdout + run.stderr  # --watch shows the sub-flow's progress lines
 
     from mlflow.tracking import MlflowClient
 
