@@ -220,13 +220,15 @@ def format_report(report: dict) -> str:
     lines.append(f"{'total':<{w}}  {'':<8}  {total:>6.1f}s")
     uri, exp, run_id = report.get("uri"), report.get("experiment_id"), report.get("run_id")
     if uri and uri.startswith("http"):
-        lines += ["", f"MLflow: experiment '{report['experiment']}', open {uri}/#/experiments/{exp}/runs/{run_id}"]
+        lines += ["", f"MLflow: experiment '{report['experiment']}', open {tracking.ui_url(uri, exp, run_id)}"]
     elif uri:
+        port = tracking.ui_base().rsplit(":", 1)[1]
         lines += [
             "",
             f"MLflow: experiment '{report['experiment']}', run {run_id} (store {uri})",
-            f"  look at it:  make ui   (or: mlflow ui --backend-store-uri {uri})",
-            f"  then open    http://127.0.0.1:5000/#/experiments/{exp}/runs/{run_id}",
+            f"  look at it:  make ui   (or: mlflow ui --backend-store-uri {uri} --port {port})",
+            f"  then open    {tracking.ui_url(tracking.ui_base(), exp, run_id)}",
+            "  registered models and their aliases (champion, candidate): the \"Model registry\" tab",
         ]
     models = report.get("models") or {}
     if models:

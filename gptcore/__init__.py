@@ -1,6 +1,6 @@
 """gptcore — GPT-2 from scratch, as the course's four projects (docs/README map: README.md).
 
-    foundation   errors.py  fileio.py  progress.py  metrics.py  config.py      (formats and plumbing)
+    foundation   errors.py  fileio.py  progress.py  metrics.py  config.py  cpus.py  (formats and plumbing)
     Project 1    tokenizer/     byte-level BPE: reference and fast trainers, tiktoken parity  docs/01-tokenizer.md
     Project 2    model/         attention, blocks, GPT, LoRA, generation, model folders       docs/02-attention.md
     Project 3    data/          corpora -> verified token shards                               docs/03-data.md
@@ -57,6 +57,10 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def exec_module(self, module):
         pass  # already executed under its new name
 
+
+from gptcore.cpus import quiet_openmp  # noqa: E402
+
+quiet_openmp()  # before anything imports torch: OpenMP threads sleep, not spin, while they wait (gptcore/cpus.py)
 
 if not any(isinstance(f, _Alias) for f in sys.meta_path):
     sys.meta_path.append(_Alias())

@@ -191,6 +191,12 @@ def _overrides(overrides: Optional[List[str]]) -> List[str]:
     return env + list(overrides or [])
 
 
+def _rank_zero() -> bool:
+    """Whether this process prints a run's summary: always, except ranks 1.. that `torchrun -m
+    gptcore.cli ...` started (RANK set), so the summary is printed once, not once per rank."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _load_config(path: Optional[Path], overrides: Optional[List[str]]):
     from gptcore.config import load_config
 
@@ -286,6 +292,8 @@ def generate(
     top_p: Optional[float] = typer.Option(None, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter folder to apply."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages tokens already seen (1 = off)."),
+    no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size", help="Never repeat an n-gram of this size (0 = off)."),
 ) -> None:
     """Stream a continuation of PROMPT (or --prompt) to stdout; with --instruction, the model's answer."""
     from gptcore.model.folder import load_model
@@ -309,10 +317,12 @@ def generate(
 
         ids = instruction_ids(tokenizer, model.config.block_size, instruction, input_ or "", checkpoint, adapter,
                               room=max_new_tokens)
-        pieces = stream_ids(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, seed)
+        pieces = stream_ids(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, seed,
+                            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
     else:
         sys.stdout.write(prompt or "")
-        pieces = stream_text(model, tokenizer, prompt or "", max_new_tokens, temperature, top_k, top_p, seed)
+        pieces = stream_text(model, tokenizer, prompt or "", max_new_tokens, temperature, top_k, top_p, seed,
+                             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -347,12 +357,15 @@ def chat_cmd(
     top_k: Optional[int] = typer.Option(200, "--top-k"),
     template: str = typer.Option("auto", "--template", help="auto (the folder's), alpaca or none."),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages tokens already seen (1 = off)."),
+    no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size", help="Never repeat an n-gram of this size (0 = off)."),
 ) -> None:
     """Chat with an instruction-tuned model in the terminal (/reset, /temp 0.7, Ctrl-D quits)."""
     from gptcore.serving.chat import chat
     from gptcore.serving.session import Session
 
-    chat(Session(checkpoint, template), temperature, max_new_tokens, top_k, seed)
+    chat(Session(checkpoint, template), temperature, max_new_tokens, top_k, seed,
+         repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
 
 
 @app.command("serve")
@@ -411,6 +424,8 @@ def pretrain_cmd(
 
     cfg = _load_config(config, overrides)
     s = run_engine("pretrain", cfg, [data], out or cfg.out_dir)
+    if not _rank_zero():
+        return
     num = lambda k: "-" if s.get(k) is None else f"{s[k]:.4f}"  # noqa: E731
     print(f"step {s['step']}  train loss {num('train_loss')}  val loss {num('val_loss')}  "
           f"val bpb {num('val_bpb')}  ({s['seconds']:.0f} s)")
@@ -470,7 +485,9 @@ def finetune_cmd(
     from gptcore.finetuning.finetune import format_summary
     from gptcore.training.launch import run_engine
 
-    print(format_summary(run_engine("finetune", cfg, [base], out or cfg.out_dir / "finetune")))
+    summary = run_engine("finetune", cfg, [base], out or cfg.out_dir / "finetune")
+    if _rank_zero():
+        print(format_summary(summary))
 
 
 # === section: run, deploy (issue 8) ==========================================================

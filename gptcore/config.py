@@ -160,12 +160,20 @@ class TrainSection(Section):
 
 
 class EvalSection(Section):
-    batches: int = Field(default=50, gt=0)
-    prompts: list[str] = Field(default_factory=lambda: ["def ", "import ", "class "])
-    sample_tokens: int = Field(default=64, gt=0)
+    """`eval:` — the one default for `gptcore evaluate` (with or without --config) and the pipeline's
+    evaluate stage: 20 batches × 8 windows of the val split. Each prompt is the whole first line of
+    a file (after <|endoftext|>, as documents start; no trailing space: "def " ends in a lone space
+    token that training text never has before a word), continued greedily and with each seed under a
+    mild repetition penalty and no repeated 4-grams (`gptcore generate` has both off unless asked)."""
+
+    batches: int = Field(default=20, gt=0)
+    prompts: list[str] = Field(default_factory=lambda: ["import os\n", "def main():\n", "class Config:\n"])
+    sample_tokens: int = Field(default=48, gt=0)
     temperature: float = Field(default=0.8, ge=0.0)
     top_k: int | None = Field(default=50, gt=0)
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    repetition_penalty: float = Field(default=1.1, gt=0.0)  # 1 = off (transformers' RepetitionPenalty)
+    no_repeat_ngram_size: int = Field(default=4, ge=0)  # 0 = off (transformers' NoRepeatNGram); code repeats 3-grams
+    seeds: list[int] = Field(default_factory=lambda: list(range(8)))  # 3 prompts × 8 seeds: 24 samples for the parse rate
     tasks: list[str] = Field(default_factory=lambda: ["val"])  # val | mc:PATH.jsonl | hellaswag
 
 

@@ -40,6 +40,7 @@ from gptcore.fileio import atomic_dir, atomic_write_text, link_tree, sha256_file
 from gptcore.reads import Reads
 from tasks import nodes, tracking
 from tasks.caching import artifact_dir, file_digests, folder_digests
+from tasks.progress_log import StageProgress, stage_logger
 
 # The key is computed by the flow from content hashes; Prefect adds the task's own source.
 BY_CONTENT = CachePolicy.from_cache_key_fn(lambda ctx, params: params["key"]) + TASK_SOURCE
@@ -219,12 +220,14 @@ def _tracked(config: Config, track: dict | None, engine: str, args: list, out: P
 
     c, run_id = _client(track)
     buf = tracking.MetricBuffer(c, run_id, every=config.tracking.log_every)
+    total = config.train.max_steps if engine == "pretrain" else config.finetune.max_steps
+    callbacks = [buf, StageProgress(stage_logger(), engine, total)]  # progress lines in Prefect's logs (--watch)
     try:
         with tracking.system_metrics(track), _Work() as w:
             if config.train.nnodes > 1:  # one deployment run per node (tasks/nodes.py)
-                summary = nodes.run_on_nodes(engine, config, args, out, callbacks=[buf])
+                summary = nodes.run_on_nodes(engine, config, args, out, callbacks=callbacks)
             else:
-                summary = launch.run_engine(engine, config, args, out, callbacks=[buf])
+                summary = launch.run_engine(engine, config, args, out, callbacks=callbacks)
     finally:  # Ctrl-C, SIGTERM, a failure: the rows since the last batch still reach MLflow
         buf.flush()
     if c is not None:
@@ -255,9 +258,7 @@ def evaluate(config: Config, key: str, store: str, model: dict, shards: dict, tr
     with atomic_dir(out) as tmp, _Work() as w:
         res = ev.evaluate_checkpoint(model["dir"], shards["dir"], config=config, tasks=tasks_, out_file=tmp / "eval.json")
         atomic_write_text(tmp / "eval.txt", ev.format_report(res) + "\n")
-        samples = res["tasks"].get("samples", [])
-        atomic_write_text(tmp / "samples.txt", "".join(
-            f"--- seed {s['seed']}, prompt {s['prompt']!r}\n{s['prompt']}{s['text']}\n\n" for s in samples))
+        atomic_write_text(tmp / "samples.txt", ev.format_samples(res))
     for name in ("eval.json", "eval.txt", "samples.txt"):
         _log_artifact(track, out / name)
     val = res["tasks"].get("val", {})

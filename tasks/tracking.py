@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -33,6 +34,10 @@ from tasks import owners
 from tasks.caching import file_lock
 from tasks.tracking_store import DEFAULT_URI, tracking_uri  # noqa: F401  (their home; re-exported)
 
+# MLflow 3's UI opens an experiment by its kind: GenAI (traces, "Evaluations") unless this tag says
+# model training. Values as in MLflow's UI source (ExperimentKind); "custom_model_development" is the
+# kind that maps to the classic runs view (workflowType=machine_learning).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def client(uri: str) -> MlflowClient:
@@ -45,14 +50,30 @@ def client(uri: str) -> MlflowClient:
 
 
 def experiment_id(c: MlflowClient, name: str) -> str:
-    """Get or create the experiment `name` (safe when two runs create it at the same time)."""
+    """Get or create the experiment `name` (safe when two runs create it at the same time), marked
+    as a model-training experiment so MLflow's UI opens it on its runs (an older one is marked now)."""
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return c.create_experiment(name, artifact_location=_artifact_location(c, name))
-    except MlflowException:
-        return c.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        try:
+            return c.create_experiment(name, artifact_location=_artifact_location(c, name),
+                                       tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:
+            exp = c.get_experiment_by_name(name)
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def ui_url(base: str, experiment: str, run_id: str | None = None) -> str:
+    """The page of `run_id` (else of `experiment`) in MLflow 3's classic runs view at `base`
+    (http://host:port). Without `workflowType` the UI may open its GenAI view, whatever the tag says."""
+    page = f"{base.rstrip('/')}/#/experiments/{experiment}" + (f"/runs/{run_id}" if run_id else "")
+    return page + "?workflowType=machine_learning"
+
+
+def ui_base(environ=os.environ) -> str:
+    """Where `make ui` serves: http://127.0.0.1:$PORT (default 5000)."""
+    return f"http://127.0.0.1:{environ.get('PORT') or 5000}"
 
 
 def _artifact_location(c: MlflowClient, name: str) -> str | None:

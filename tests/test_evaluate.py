@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from gptcore.errors import DataError
 from test_train import make_config  # noqa: E402  (tests/ is on sys.path under pytest)
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
@@ -339,9 +341,24 @@ def test_evaluate_cli_writes_eval_json(data_dir, tmp_path, run_cli):
     val = result["tasks"]["val"]
     assert "bits per byte" in r.stdout and "unigram" in r.stdout
     assert val["val_bpb"] < val["unigram_bpb"]  # the trained model beats token frequencies
-    assert result["tasks"][f"mc:{mc}"]["n"] == 1 and len(result["tasks"]["samples"]) == 3
-    assert result["tasks"]["code"]["n"] == 3 and 0 <= result["tasks"]["code"]["parse_rate"] <= 1
+    assert result["tasks"][f"mc:{mc}"]["n"] == 1 and len(result["tasks"]["samples"]) == 3 * 8  # prompts × seeds
+    assert result["tasks"]["code"]["n"] == 24 and 0 <= result["tasks"]["code"]["parse_rate"] <= 1
     assert "parse rate" in r.stdout
+    greedy = result["tasks"]["greedy"]  # beside the sampled ones, in the report too
+    assert [g["prompt"] for g in greedy] == ["import os\n", "def main():\n", "class Config:\n"]
+    assert len({g["text"] for g in greedy}) == 3
+    lines = r.stdout.splitlines()
+    at = lines.index(next(x for x in lines if x.startswith("greedy") and "'def main():\\n'" in x))
+    assert [x.split()[1] for x in lines[at + 1:at + 9]] == [f"seed={k}" for k in range(8)]
+    assert all("'def main():\\n'" in x for x in lines[at:at + 9])
+    assert result["sampling"] == {"temperature": 0.8, "top_k": 50, "repetition_penalty": 1.1, "no_repeat_ngram_size": 4,
+                                  "tokens": 48}
+    # one default: the CLI without --config measures what the pipeline (configs/tiny.yaml) measures
+    from gptcore.config import load_config
+    from gptcore.evaluation.evaluate import evaluate_checkpoint
+
+    pipeline = evaluate_checkpoint(s["final_dir"], data_dir, config=load_config(REPO / "configs" / "tiny.yaml"))
+    assert pipeline["tasks"]["val"] == val
     # the previous best model's numbers appear beside this one's
     prev = tmp_path / "prev.json"
     prev.write_text(json.dumps({"tasks": {"val": {"val_loss": 9.0, "val_ppl": 8103.08, "val_bpb": 7.5}}}))

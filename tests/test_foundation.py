@@ -94,3 +94,35 @@ def test_outputs_are_readable_files_and_folders_respecting_the_umask(tmp_path):
             assert set(v for k, v in modes.items() if (out / k).is_file()) == {want_file}, modes
     finally:
         os.umask(old)
+
+
+# ---- gptcore/cpus.py: thread defaults -----------------------------------------------------------
+
+
+def test_physical_cores_count_hyperthreads_once():
+    import os
+
+    import psutil
+
+    from gptcore.cpus import physical_cores, torch_threads
+
+    if len(os.sched_getaffinity(0)) == psutil.cpu_count(logical=True):  # no affinity mask: psutil's count is ours
+        assert physical_cores() == psutil.cpu_count(logical=False)
+    assert 1 <= physical_cores() <= len(os.sched_getaffinity(0))
+    assert torch_threads(1, environ={}) == physical_cores()
+    assert torch_threads(physical_cores() * 4, environ={}) == 1  # many ranks: one thread each, never zero
+    assert torch_threads(1, environ={"OMP_NUM_THREADS": "3"}) == 3  # the user's choice wins
+
+
+def test_importing_gptcore_makes_openmp_threads_wait_passively():
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, gptcore, torch; print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads())"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split()[0] == "PASSIVE", r.stderr
+    r = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
+                       text=True, timeout=120)
+    assert r.stdout.split()[0] == "ACTIVE"  # a user's setting is kept

@@ -147,3 +147,16 @@ def test_full_finetune_under_fsdp2_on_two_ranks_resumes_bit_exact(setup):
     again = _cli("finetune", "cfg.yaml", "--base", "base/final", "--out", "ft", *sets, cwd=setup)
     assert again.returncode == 0, again.stderr[-2000:]
     assert sha256_file(setup / "ft" / "final" / "model.safetensors") == sha256_file(setup / "ref-ft" / "final" / "model.safetensors")
+
+
+def test_torchrun_of_the_cli_prints_the_summary_once(setup):
+    """`torchrun --nproc_per_node 2 -m gptcore.cli pretrain ...` (docs/03): every rank runs the CLI,
+    rank 0 alone prints the summary."""
+    env = {**os.environ, "GPTCORE_PROGRESS": "0", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "gptcore.cli", "pretrain", "cfg.yaml", "--data", "data", "--out", "tr",
+                        "--set", "train.max_steps=2", "--set", "train.eval_every=2", "--set", "train.batch_size=2"],
+                       cwd=setup, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [line.split()[:2] for line in r.stdout.splitlines() if line.startswith("step ")] == [["step", "2"]], r.stdout
+    assert sum(line.startswith("model: ") for line in r.stdout.splitlines()) == 1, r.stdout

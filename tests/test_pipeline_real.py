@@ -132,7 +132,9 @@ def prefect_server_with(tmp_path: Path, deployment: str, registered: str):
     api_url = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api_url,
                PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", GPTCORE_PROGRESS="0")
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", GPTCORE_PROGRESS="0",
+               # the server streams logs to `--watch` only when asked (README, "Running on GPU workers")
+               PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED="true", PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED="true")
     server_cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     with started(server_cmd, tmp_path, env, tmp_path / "server.log") as server:
         wait_http(api_url + "/health", timeout=180, proc=server)
@@ -154,6 +156,7 @@ def test_deployment_round_trip_on_a_real_prefect_server(tmp_path):
             log = (tmp_path / "worker.log").read_text()[-3000:]
             assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:] + log
             assert "Completed" in run.stdout + run.stderr
+            assert "pretrain: step " in run.stdout + run.stderr  # --watch shows the sub-flow's progress lines
 
     from mlflow.tracking import MlflowClient
 

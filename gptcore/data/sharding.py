@@ -34,6 +34,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from gptcore.cpus import physical_cores
 from gptcore.errors import DataError
 from gptcore.fileio import atomic_write_json, remove_stale_temps, sha256_file
 from gptcore.progress import progress_bar
@@ -304,7 +305,7 @@ def prepare_shards(
         raise DataError(f"shard_tokens {shard_tokens} is not positive", "data.shard_tokens", "use e.g. 10000000")
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction {val_fraction} is not between 0 and 1", "data.val_fraction", "use e.g. 0.02")
-    num_proc = num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    num_proc = num_proc or physical_cores()  # one worker per physical core (gptcore/cpus.py)
     dtype = token_dtype(tokenizer.vocab_size)
     encode, used = encoder_for(tokenizer, encoder)
     eot = tokenizer.eot_id

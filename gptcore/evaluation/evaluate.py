@@ -227,18 +227,47 @@ def multiple_choice(model, tokenizer, items: Iterable[dict[str, Any]]) -> dict[s
 
 
 def samples(model, tokenizer, prompts: Sequence[str], seeds: Sequence[int], max_new_tokens: int = 64,
-            temperature: float = 0.8, top_k: int | None = 50) -> list[dict[str, Any]]:
-    """One generation per (prompt, seed), each from its own seeded generator: reproducible."""
+            temperature: float = 0.8, top_k: int | None = 50, **penalties) -> list[dict[str, Any]]:
+    """One generation per (prompt, seed), each from its own seeded generator: reproducible.
+    `penalties`: repetition_penalty, no_repeat_ngram_size (GPT.generate_stream; off unless given)."""
     device = next(model.parameters()).device
-    out = []
-    for prompt in prompts:
-        ids = tokenizer.encode_ordinary(prompt) or ([tokenizer.eot_id] if tokenizer.eot_id is not None else [0])
-        for seed in seeds:
-            g = torch.Generator(device=device).manual_seed(seed)
-            idx = torch.tensor([ids], dtype=torch.long, device=device)
-            y = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=tokenizer.eot_id, generator=g)
-            out.append({"prompt": prompt, "seed": seed, "text": tokenizer.decode(y[0, len(ids):].tolist())})
-    return out
+    return [{"prompt": prompt, "seed": seed,
+             "text": _continue(model, tokenizer, prompt, max_new_tokens, temperature, top_k,
+                               torch.Generator(device=device).manual_seed(seed), penalties)}
+            for prompt in prompts for seed in seeds]
+
+
+def greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64, **penalties) -> list[dict[str, Any]]:
+    """The most likely continuation of each prompt (temperature 0): what the model "believes" comes next."""
+    return [{"prompt": p, "text": _continue(model, tokenizer, p, max_new_tokens, 0.0, None, None, penalties)} for p in prompts]
+
+
+def _continue(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
+              generator, penalties: dict) -> str:
+    """The decoded continuation of `prompt` as the start of a document: after <|endoftext|>, as every
+    training document begins (gptcore.data.sharding), so "def" reads as a file's first word."""
+    eot = [tokenizer.eot_id] if tokenizer.eot_id is not None else []
+    ids = (eot + tokenizer.encode_ordinary(prompt)) or [0]
+    idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
+    y = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=tokenizer.eot_id,
+                       generator=generator, **penalties)
+    return tokenizer.decode(y[0, len(ids):].tolist())
+
+
+def format_samples(result: dict[str, Any]) -> str:
+    """samples.txt: per prompt, the greedy continuation, then each seed's sampled one, under the
+    settings that made them."""
+    settings = result.get("sampling", {})
+    out = ["# " + ", ".join(f"{k} {v}" for k, v in settings.items()) + "\n"] if settings else []
+    greedy_ = {g["prompt"]: g["text"] for g in result["tasks"].get("greedy", [])}
+    sampled = result["tasks"].get("samples", [])
+    for prompt in dict.fromkeys([*greedy_, *(s["prompt"] for s in sampled)]):
+        out.append(f"=== prompt {prompt!r}\n")
+        if prompt in greedy_:
+            out.append(f"--- greedy\n{prompt}{greedy_[prompt]}\n")
+        out += [f"--- sampled, seed {s['seed']}\n{prompt}{s['text']}\n" for s in sampled if s["prompt"] == prompt]
+        out.append("\n")
+    return "\n".join(out)
 
 
 def complete_lines(text: str) -> str:
@@ -310,7 +339,11 @@ def evaluate_checkpoint(
             vm["unigram_bpb"] = unigram_bpb(data_dir)
             result["tasks"]["val"] = vm
         elif task == "samples":
-            result["tasks"]["samples"] = samples(model, tokenizer, ev.prompts, ev.seeds, ev.sample_tokens, ev.temperature, ev.top_k)
+            penalties = {"repetition_penalty": ev.repetition_penalty, "no_repeat_ngram_size": ev.no_repeat_ngram_size}
+            result["sampling"] = {"temperature": ev.temperature, "top_k": ev.top_k, **penalties, "tokens": ev.sample_tokens}
+            result["tasks"]["greedy"] = greedy(model, tokenizer, ev.prompts, ev.sample_tokens, **penalties)
+            result["tasks"]["samples"] = samples(model, tokenizer, ev.prompts, ev.seeds, ev.sample_tokens, ev.temperature,
+                                                 ev.top_k, **penalties)
             result["tasks"]["code"] = parse_rate(result["tasks"]["samples"])
         elif task.startswith("mc:"):
             result["tasks"][task] = multiple_choice(model, tokenizer, load_mc_jsonl(task[3:]))
@@ -352,8 +385,13 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append(f"{name:<16}acc {r['acc']:.3f}  acc_norm {r['acc_norm']:.3f}  (n={r['n']})")
         elif name.startswith("lm-eval:"):
             lines += _lm_eval_lines(r)
-    for s in result["tasks"].get("samples", []):
-        lines.append(f"sample seed={s['seed']} {s['prompt']!r}: {(s['prompt'] + s['text'])[:200]!r}")
+    sampled = result["tasks"].get("samples", [])
+    for g in result["tasks"].get("greedy", []):  # each prompt: greedy, then its sampled ones, side by side
+        lines.append(f"{'greedy':<16}{g['prompt']!r}: {(g['prompt'] + g['text'])[:200]!r}")
+        lines += [f"{'sampled seed=' + str(s['seed']):<16}{s['prompt']!r}: {(s['prompt'] + s['text'])[:200]!r}"
+                  for s in sampled if s["prompt"] == g["prompt"]]
+    if not result["tasks"].get("greedy"):
+        lines += [f"sample seed={s['seed']} {s['prompt']!r}: {(s['prompt'] + s['text'])[:200]!r}" for s in sampled]
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ cb("end", summary).
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -33,6 +34,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from gptcore.cpus import torch_threads
 from gptcore.data import sft as sft_data
 from gptcore.errors import CheckpointError, ConfigError, DataError
 from gptcore.fileio import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
@@ -103,8 +105,7 @@ def finetune(config, base_dir: str | Path, out_dir: str | Path, callbacks: Itera
     tr = config.train
     callbacks = list(callbacks)
     out_dir, base_dir = Path(out_dir), Path(base_dir)
-    if tr.num_threads:
-        torch.set_num_threads(tr.num_threads)
+    torch.set_num_threads(tr.num_threads or torch_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     torch.manual_seed(config.run.seed)
     device_type = "cuda" if (tr.device == "auto" and torch.cuda.is_available()) or tr.device.startswith("cuda") else "cpu"
     info = D.init_distributed(device_type)
@@ -216,7 +217,8 @@ def _finetune(config, base_dir: Path, out_dir: Path, callbacks: list, info: D.Di
     held_out = data.test or data.val
     if data.task == "instruct":
         summary["samples"] = instruct_samples(model, enc, held_out[: ft.num_samples], config.eval.sample_tokens, device, amp,
-                                              seed=config.run.seed)
+                                              seed=config.run.seed, repetition_penalty=config.eval.repetition_penalty,
+                                              no_repeat_ngram_size=config.eval.no_repeat_ngram_size)
         atomic_write_json(out_dir / "samples.json", summary["samples"])
         atomic_write_text(out_dir / "samples.txt", format_samples(summary["samples"], f"{ft.dataset}: held-out instructions"))
     else:

@@ -121,8 +121,9 @@ def format_confusion(report: dict) -> str:
 
 @torch.no_grad()
 def instruct_samples(model, encoder: sft_data.Encoder, records: list[dict], max_new_tokens: int, device, amp,
-                     temperature: float = 0.0, seed: int = 0) -> list[dict]:
-    """Greedy (temperature 0) answers for held-out instructions, beside the reference answers."""
+                     temperature: float = 0.0, seed: int = 0, **penalties) -> list[dict]:
+    """Greedy (temperature 0) answers for held-out instructions, beside the reference answers.
+    `penalties`: repetition_penalty, no_repeat_ngram_size (the eval section's, in the recipe)."""
     model.eval()
     out = []
     g = torch.Generator(device=device).manual_seed(seed) if device.type != "mps" else None
@@ -130,7 +131,7 @@ def instruct_samples(model, encoder: sft_data.Encoder, records: list[dict], max_
         ids = encoder.prompt_ids(r, room=max_new_tokens)
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         with amp():
-            seq = model.generate(idx, max_new_tokens, temperature=temperature, eos_id=encoder.eot, generator=g)
+            seq = model.generate(idx, max_new_tokens, temperature=temperature, eos_id=encoder.eot, generator=g, **penalties)
         new = seq[0, len(ids):].tolist()
         if encoder.eot in new:
             new = new[: new.index(encoder.eot)]

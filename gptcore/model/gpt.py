@@ -339,13 +339,15 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                         top_p: float | None = None, eos_id: int | None = None,
-                        generator: torch.Generator | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+                        generator: torch.Generator | None = None, use_cache: bool = True, *,
+                        repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> Iterator[torch.Tensor]:
         """Yield the next token (B, 1) of each row, one step at a time.
 
         The prompt is run once through a preallocated KV cache, then each step feeds only the new
         token. When the sequence outgrows the cache (block_size), every further step recomputes
         the last block_size tokens from scratch (a cropped window). A row that produced `eos_id`
-        keeps emitting eos_id; generation stops once every row has.
+        keeps emitting eos_id; generation stops once every row has. `repetition_penalty` and
+        `no_repeat_ngram_size` (off by default) reshape the logits first: see `penalize`.
         """
         cfg = self.config
         was_training = self.training
@@ -364,7 +366,7 @@ class GPT(nn.Module):
                 else:
                     cache = None
                     h = self.hidden(seq[:, -cfg.block_size:])[:, -1]
-                logits = self.logits(h).float()  # (B, V)
+                logits = penalize(self.logits(h).float(), seq, repetition_penalty, no_repeat_ngram_size)  # (B, V)
                 tok = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
                 if eos_id is not None:
                     tok = torch.where(done[:, None], torch.full_like(tok, eos_id), tok)
@@ -378,10 +380,35 @@ class GPT(nn.Module):
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_id: int | None = None, generator: torch.Generator | None = None,
-                 use_cache: bool = True) -> torch.Tensor:
-        """idx (B, T) followed by up to max_new_tokens sampled tokens: (B, T + new)."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, use_cache))
+                 use_cache: bool = True, **penalties) -> torch.Tensor:
+        """idx (B, T) followed by up to max_new_tokens sampled tokens: (B, T + new).
+        `penalties`: repetition_penalty, no_repeat_ngram_size (generate_stream)."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, use_cache,
+                                        **penalties))
         return torch.cat([idx, *new], dim=1)
+
+
+def penalize(logits: torch.Tensor, seq: torch.Tensor, repetition_penalty: float = 1.0,
+             no_repeat_ngram_size: int = 0) -> torch.Tensor:
+    """Logits (B, V) of the token after `seq` (B, T), discouraged from repeating what `seq` holds
+    (the prompt included), as transformers' RepetitionPenalty and NoRepeatNGram logits processors do:
+
+    repetition_penalty p  (1 = off; CTRL's penalty) a logit of a token already in seq is divided
+                          by p when positive, multiplied by p when negative
+    no_repeat_ngram_size n (0 = off) a token that would complete an n-gram already in seq gets -inf
+    """
+    if repetition_penalty != 1.0:
+        seen = logits.gather(1, seq)  # (B, T)
+        seen = torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty)
+        logits = logits.scatter(1, seq, seen)
+    n = no_repeat_ngram_size
+    if n > 0 and seq.size(1) >= n - 1:
+        logits = logits.clone()
+        for b, row in enumerate(seq.tolist()):
+            prefix = row[len(row) - n + 1:] if n > 1 else []  # the n-1 tokens the next one would extend
+            banned = {row[i + n - 1] for i in range(len(row) - n + 1) if row[i:i + n - 1] == prefix}
+            logits[b, list(banned)] = float("-inf")
+    return logits
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

@@ -21,8 +21,9 @@ HELP = "commands: /reset (forget the conversation), /temp T (sampling temperatur
 
 
 def chat(session: Session, temperature: float = 0.7, max_new_tokens: int = 256, top_k: int | None = 200,
-         seed: int | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
-    """Run the chat loop until end of input; returns the number of replies given."""
+         seed: int | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None, **penalties) -> int:
+    """Run the chat loop until end of input; returns the number of replies given. `penalties`:
+    repetition_penalty, no_repeat_ngram_size (off by default)."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     interactive = stdin.isatty()
     history: list[tuple[str, str]] = []
@@ -61,7 +62,7 @@ def chat(session: Session, temperature: float = 0.7, max_new_tokens: int = 256, 
         reply = Reply()
         ids = session.chat_ids(history, message, room=min(max_new_tokens, session.block_size // 2))
         stdout.write("model> ")
-        for piece in session.stream(ids, max_new_tokens, temperature, top_k, seed=seed, reply=reply):
+        for piece in session.stream(ids, max_new_tokens, temperature, top_k, seed=seed, reply=reply, **penalties):
             stdout.write(piece)
             stdout.flush()
         stdout.write("\n")

@@ -31,6 +31,8 @@ class Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: Optional[int] = Field(None, gt=0)  # not OpenAI's, but common in local servers
+    repetition_penalty: float = Field(1.0, gt=0)  # likewise (vLLM's name); 1 = off
+    no_repeat_ngram_size: int = Field(0, ge=0)  # transformers' name; 0 = off
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[int] = None
     stream: bool = False
@@ -72,7 +74,9 @@ def create_app(session: Session):
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         with lock:
             yield from session.stream(ids, max_new_tokens(req), req.temperature, req.top_k,
-                                      None if req.top_p >= 1 else req.top_p, req.seed, stop, reply)
+                                      None if req.top_p >= 1 else req.top_p, req.seed, stop, reply,
+                                      repetition_penalty=req.repetition_penalty,
+                                      no_repeat_ngram_size=req.no_repeat_ngram_size)
 
     def usage(reply: Reply) -> dict:
         return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.tokens,

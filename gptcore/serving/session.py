@@ -120,13 +120,14 @@ class Session:
     # ---- generation ----------------------------------------------------------------------------
     def stream(self, ids: list[int], max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
-               reply: Reply | None = None) -> Iterator[str]:
+               reply: Reply | None = None, **penalties) -> Iterator[str]:
         """Yield the continuation of `ids` piece by piece, ending at <|endoftext|>, at the first stop
         string (not yielded) or after max_new_tokens. Text that might begin a stop string is held
-        back until it is clearly not one. `reply` receives the totals."""
+        back until it is clearly not one. `reply` receives the totals. `penalties`:
+        repetition_penalty, no_repeat_ngram_size (gptcore.model.generate; off by default)."""
         from gptcore.model.generate import check_sampling, stream_ids
 
-        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        check_sampling(max_new_tokens, temperature, top_k, top_p, **penalties)
         reply = Reply() if reply is None else reply
         reply.prompt_tokens = len(ids)
         stops = [s for s in stop if s]
@@ -134,7 +135,7 @@ class Session:
         stats: dict = {}
         pending = ""
         for piece in stream_ids(self.model, self.tokenizer, ids, max_new_tokens, temperature, top_k, top_p, seed,
-                                stats=stats):
+                                stats=stats, **penalties):
             pending += piece
             cut = min((pending.find(s) for s in stops if s in pending), default=-1)
             if cut >= 0:

@@ -8,7 +8,8 @@ Small batches, and calls from inside a worker, stay serial: a pool costs more th
 from __future__ import annotations
 
 import array
-import os
+
+from gptcore.cpus import physical_cores
 
 _WORKER: dict = {}
 _PARALLEL_MIN_CHARS = 1 << 20  # below this a pool costs more than it saves
@@ -18,7 +19,7 @@ def encode_batch(tok, texts: list[str], num_threads: int | None, allowed_special
     """Encode `texts` with `tok` in worker processes, serially for small batches or inside a daemonic worker."""
     import multiprocessing as mp
 
-    n = min(num_threads or os.cpu_count() or 1, len(texts))
+    n = min(num_threads or physical_cores(), len(texts))
     if num_threads is None and mp.parent_process() is not None:
         n = 1  # already inside a worker process (e.g. data sharding): do not nest pools by default
     if n <= 1 or sum(map(len, texts)) < _PARALLEL_MIN_CHARS or mp.current_process().daemon:

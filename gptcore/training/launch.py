@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from gptcore.cpus import torch_threads
 from gptcore.errors import ConfigError, GptcoreError
 from gptcore.fileio import atomic_write_json, atomic_write_text
 
@@ -184,7 +185,7 @@ def launch(engine: str, config, args: Sequence[str], out_dir: str | Path, nproc:
     cmd = [sys.executable, "-m", "torch.distributed.run", *_torchrun_args(nproc, config.train),
            "-m", "gptcore.training.worker", engine, str(cfg_file), *map(str, args), str(summary_file)]
     env = dict(os.environ, GPTCORE_PROGRESS="0", TORCH_DISTRIBUTED_DEBUG=os.environ.get("TORCH_DISTRIBUTED_DEBUG", "OFF"))
-    env.setdefault("OMP_NUM_THREADS", str(config.train.num_threads or max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(config.train.num_threads or torch_threads(nproc, environ={})))  # physical cores / ranks
     follower = MetricsFollower(out_dir / "metrics.jsonl", callbacks)
     follower.start()
     with open(log_file, "w") as log:

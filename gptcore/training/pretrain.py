@@ -18,12 +18,14 @@ length (`train.schedule: wsd` keeps the peak rate until the final decay, so exte
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from gptcore.cpus import torch_threads
 from gptcore.errors import ConfigError, DataError
 from gptcore.fileio import sha256_file
 from gptcore.training import distributed as D
@@ -77,8 +79,7 @@ def pretrain(config, data_dir: str | Path, out_dir: str | Path, callbacks: Seque
     t = config.train
     t_start = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
+    torch.set_num_threads(t.num_threads or torch_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     device_type = "cuda" if (t.device == "auto" and torch.cuda.is_available()) or t.device.startswith("cuda") else "cpu"
     info = D.init_distributed(device_type)
     try:
