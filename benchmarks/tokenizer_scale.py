@@ -74,20 +74,11 @@ def _ours(mb, vocab, out):
 
 
 def _hf(mb, vocab, out):
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from tokenizer import _train_hf  # benchmarks/tokenizer.py's: the same split and BpeTrainer settings
 
-    from gptcore.tokenizer import PATTERNS
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PATTERNS["gpt4"]), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=0)
     t0 = time.perf_counter()
-    tok.train_from_iterator(texts(mb), trainer=trainer)
-    out.update(wall=time.perf_counter() - t0, vocab=tok.get_vocab_size())
+    v = _train_hf(texts(mb), vocab)
+    out.update(wall=time.perf_counter() - t0, vocab=v)
 
 
 def _sp(mb, vocab, out):

@@ -167,7 +167,7 @@ class CausalSelfAttention(nn.Module):
             y = att @ v  # (B, nh, T, S) x (B, nh, S, hs) -> (B, nh, T, hs)
         else:
             # the same computation as the "math" branch in one fused kernel (flash / memory-efficient)
-            is_causal = T == S and visible is None
+            is_causal = visible is None and T == S
             if visible is None and T != S and T > 1:  # a chunk after a cached prefix: explicit bottom-right causal mask
                 visible = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout, is_causal=is_causal,
@@ -252,6 +252,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False  # recompute each block's activations in backward
+        self.decode_compiled = False  # set by compile_decode
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
@@ -361,7 +362,8 @@ class GPT(nn.Module):
     def compile_decode(self, **options) -> None:
         """Decode through `torch.compile` from now on (`generate` and `decode_step`): worth it for long
         generations only; see BENCHMARKS.md for the measured break-even on CPU."""
-        self._decode = torch.compile(self._decode, fullgraph=True, **options)
+        self._decode = torch.compile(self._decode, fullgraph=True, dynamic=False, **options)
+        self.decode_compiled = True  # generate then sizes every cache block_size long: one shape, one compilation
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Next-token logits (..., V) of hidden states h (..., C); with `logit_softcap` c they are
@@ -400,7 +402,8 @@ class GPT(nn.Module):
             cache = None
             if use_cache:
                 param = next(self.parameters())
-                cache = KVCache(cfg, B, min(T + max_new_tokens, cfg.block_size), idx.device, param.dtype)
+                size = cfg.block_size if self.decode_compiled else min(T + max_new_tokens, cfg.block_size)
+                cache = KVCache(cfg, B, size, idx.device, param.dtype)
             seq, feed = idx, idx  # everything so far; what the cache has not seen yet
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
             at = torch.zeros(1, dtype=torch.long, device=idx.device)
