@@ -16,3 +16,16 @@ def cli_args(description: str | None = None, **defaults) -> argparse.Namespace:
 def summary(area: str, what: str, figure: str) -> None:
     """One row of `make bench`'s closing table (benchmarks/_summary.py collects these lines)."""
     print(f"summary: {area} | {what} | {figure}")
+
+
+def fresh_inductor_cache() -> None:
+    """Point torch.compile at an empty cache, removed at exit (call before importing torch): the compile
+    time a benchmark measures is then what a first run pays, not a cache hit from an earlier run."""
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="gptcore-inductor-")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", path)
+    atexit.register(shutil.rmtree, path, True)

@@ -23,6 +23,10 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import fresh_inductor_cache  # noqa: E402
+
+fresh_inductor_cache()
 import torch  # noqa: E402
 
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/tokenizer_scale.py                    # 25 MB and 100 MB, vocab 32768
     .venv/bin/python benchmarks/tokenizer_scale.py --mb 5,20          # quicker
+    .venv/bin/python benchmarks/tokenizer_scale.py --distinct-mb 25 --trainers ours   # 25 MB, then repeated
 
 The corpus is this interpreter's site-packages `.py` files (sorted by path), distinct text, read
 file by file as a stream by each trainer (nobody gets the corpus in memory from us); when they hold
@@ -35,12 +36,19 @@ def files() -> list[str]:
     return sorted(str(p) for p in root.rglob("*.py"))
 
 
+DISTINCT_MB = float(os.environ.get("TOKENIZER_SCALE_DISTINCT_MB", "0"))  # 0: all files; set by --distinct-mb
+
+
 def texts(mb: float, stats: dict | None = None):
-    """Distinct .py files up to `mb` megabytes of UTF-8, read one at a time; repeated if there are too few."""
+    """Distinct .py files up to `mb` megabytes of UTF-8, read one at a time; repeated if there are too
+    few (or once `DISTINCT_MB` of distinct text has been read)."""
     n, rounds, paths = 0, 0, files()
     while n < mb * 1e6:
         rounds += 1
+        start = n
         for f in paths:
+            if DISTINCT_MB and n - start >= DISTINCT_MB * 1e6:
+                break
             try:
                 t = Path(f).read_text(encoding="utf-8")
             except (UnicodeDecodeError, OSError):
@@ -125,7 +133,9 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _cli import cli_args, summary
 
-    args = cli_args(__doc__.splitlines()[0], mb="25,100", vocab=32768, sp_max_mb=25.0)
+    args = cli_args(__doc__.splitlines()[0], mb="25,100", vocab=32768, sp_max_mb=25.0, distinct_mb=0.0,
+                    trainers="ours,hf,sp")
+    os.environ["TOKENIZER_SCALE_DISTINCT_MB"] = str(args.distinct_mb)  # the spawned trainers read it
     sizes = [float(s) for s in args.mb.split(",")]
     total = sum(Path(f).stat().st_size for f in files())
     print(f"corpus: site-packages .py files of {sys.executable} ({total / 1e6:.0f} MB on disk), sorted, streamed; "
@@ -134,10 +144,11 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---|---:|")
     res = {}
     for mb in sizes:
-        names = ["ours", "hf"] + (["sp"] if mb <= args.sp_max_mb else [])
+        names = [t for t in args.trainers.split(",") if t != "sp" or mb <= args.sp_max_mb]
         for name in names:
             res[mb, name] = run(name, mb, args.vocab)
-        o, h = res[mb, "ours"], res[mb, "hf"]
+        o = res[mb, "ours"]
+        h = res.get((mb, "hf"), {"wall": float("nan")})
         text = f"{o['bytes'] / 1e6:.0f} MB" + (" distinct" if o["rounds"] == 1 else f", {o['rounds']}x repeated")
         label = {"ours": "ours (2 counting processes + pure-Python merges)", "hf": "HF tokenizers BpeTrainer",
                  "sp": "sentencepiece BPE"}
@@ -151,8 +162,13 @@ def main() -> None:
             print(f"| {text} | {label[name]} | {r['wall']:.1f} s | {r['wall'] / h['wall']:.2f}x | {rss} | {distinct} | "
                   f"{phases} | {r['load']:.1f} |")
     big, small = max(sizes), min(sizes)
-    o, h = res[big, "ours"], res[big, "hf"]
     print()
+    if "hf" not in args.trainers:  # ours alone: the memory figures
+        summary("tokenizer", f"training peak RSS (main process) at {small:.0f} / {big:.0f} MB, "
+                f"{args.distinct_mb:.0f} MB distinct text then repeated",
+                f"{res[small, 'ours']['rss']:.0f} / {res[big, 'ours']['rss']:.0f} MB")
+        return
+    o, h = res[big, "ours"], res[big, "hf"]
     summary("tokenizer", f"BPE training, vocab {args.vocab}, {o['bytes'] / 1e6:.0f} MB of Python, vs HF BpeTrainer",
             f"{o['wall'] / h['wall']:.2f}x HF's time ({o['wall']:.1f} s vs {h['wall']:.1f} s, load {o['load']:.1f})")
     if len(sizes) > 1:

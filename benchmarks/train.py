@@ -24,6 +24,10 @@ from pathlib import Path
 os.environ.setdefault("GPTCORE_PROGRESS", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import fresh_inductor_cache  # noqa: E402
+
+fresh_inductor_cache()
 import torch  # noqa: E402
 
 from gptcore.config import config_from_dict  # noqa: E402

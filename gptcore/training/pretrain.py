@@ -4,7 +4,7 @@ The recipe, on the training engine (engine.py holds the loop):
 
     tokenizer, manifest = the data folder's                 (checks the shards came from it)
     model     = GPT(config.model), seeded by run.seed       the same init on every rank
-                (DDP, or FSDP2 when it must shard; torch.compile on CUDA, and on CPU for long runs, by default)
+                (DDP, or FSDP2 when it must shard; torch.compile on CUDA by default)
     batches   = ShardLoader windows of block_size + 1 tokens, rank r taking every W-th window
     loss      = next-token cross-entropy (engine.lm_loss)
     evaluate  = validation loss and bits per byte on the first eval_batches windows
