@@ -46,8 +46,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 def compile_by_default(device: torch.device, max_steps: int) -> bool:
     """What `train.compile: auto` means for a run of `max_steps` on `device`: compile on CUDA only.
 
-    On CPU, benchmarks/train.py measured the compiled step at 0.99x the eager one (4-layer, 128-wide
-    benchmark model, 1 thread; BENCHMARKS.md, issue 17): the step is ~70% matmuls that inductor hands
-    to the same BLAS, and the fused AdamW already removed the per-parameter loop, so the 25-35 s of a
-    cold compilation never breaks even, however long the run. `train.compile: on` still compiles."""
+    On CPU, benchmarks/train.py measured the compiled step at 0.99x and 1.09x the eager one (4-layer,
+    128-wide benchmark model, 1 thread; BENCHMARKS.md, issue 17): the step is ~70% matmuls that
+    inductor hands to the same BLAS, so a cold compilation (41 s on 2 cores) breaks even after
+    thousands of steps at best, or never. `train.compile: on` still compiles."""
     return device.type == "cuda"
