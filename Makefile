@@ -29,10 +29,7 @@ test-all: install
 	$(BIN)/python -m pytest -q
 
 bench: install
-	mkdir -p benchmarks/results/latest
-	for b in benchmarks/[!_]*.py; do [ $$b = benchmarks/gpu.py ] && continue; n=$$(basename $$b .py); echo "== $$b"; \
-	  $(BIN)/python $$b > benchmarks/results/latest/$$n.md; rc=$$?; cat benchmarks/results/latest/$$n.md; [ $$rc = 0 ] || exit 1; done
-	$(BIN)/python benchmarks/_summary.py benchmarks/results/latest
+	$(BIN)/python benchmarks/_bench.py --out benchmarks/results/latest
 
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --port $${PORT:-5000}

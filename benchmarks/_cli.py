@@ -24,3 +24,16 @@ def cli_env(**extra: str) -> dict:
     measures its configs as written, never a reader's quick-try shrink), plus `extra`."""
     env = {k: v for k, v in os.environ.items() if k != "GPTCORE_SET"}
     return {**env, **extra}
+
+
+def fresh_inductor_cache() -> None:
+    """Point torch.compile at an empty cache, removed at exit (call before importing torch): the compile
+    time a benchmark measures is then what a first run pays, not a cache hit from an earlier run."""
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="gptcore-inductor-")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", path)
+    atexit.register(shutil.rmtree, path, True)

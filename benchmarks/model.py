@@ -23,6 +23,10 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import fresh_inductor_cache  # noqa: E402
+
+fresh_inductor_cache()
 import torch  # noqa: E402
 
 
@@ -67,6 +71,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
+    ap.add_argument("--compile-decode", type=int, default=1, help="also time generation with compile_decode (0: skip)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -124,6 +129,16 @@ def main() -> None:
         "HF sdpa": lambda: hf["sdpa"].generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
                                                min_new_tokens=n, do_sample=False, pad_token_id=0),
     }
+    compile_s = None
+    if args.compile_decode:  # a second copy whose static decode step goes through torch.compile
+        import copy
+
+        ours_c = copy.deepcopy(ours)
+        ours_c.compile_decode()
+        t0 = time.perf_counter()
+        ours_c.generate(prompt, 2, temperature=0)  # the first decode step compiles
+        compile_s = time.perf_counter() - t0
+        gens["ours, compiled decode"] = lambda: ours_c.generate(prompt, n, temperature=0)
     outs = {k: fn() for k, fn in gens.items()}  # warm up, and the tokens to compare
     identical = all(torch.equal(outs["ours"], o) for o in outs.values())
     gtimes = {k: [] for k in gens}
@@ -150,8 +165,19 @@ def main() -> None:
     if args.compile:
         c = train_tps["ours (sdpa, compiled)"]
         print(f"| training step tokens/s, torch.compile(ours) | {c:,.0f} | | | {c / train_tps['HF eager']:.2f}x | |")
-    print(f"\ngreedy tokens identical to HF generate: {identical}")
+    if compile_s is not None:
+        c = gen_tps["ours, compiled decode"]
+        saved = 1 / g - 1 / c  # seconds per token
+        even = f"break-even after {compile_s / saved:,.0f} new tokens" if saved > 0 else "never breaks even"
+        print(f"| greedy generation, compiled decode step (`compile_decode`) | {c:,.0f} | | | {c / gen_tps['HF eager']:.2f}x | "
+              f"{c / gen_tps['HF sdpa']:.2f}x |")
+        print(f"\ncompile_decode: first step (compilation) {compile_s:.1f} s; {even}")
+    print(f"\ngreedy tokens identical to HF generate: {identical}; load average {os.getloadavg()[0]:.1f}")
     from _cli import summary
+
+    if compile_s is not None:
+        summary("model", "greedy generation, compiled decode step, vs HF generate",
+                f"{c / gen_tps['HF eager']:.2f}x (compile {compile_s:.0f} s, {even})")
 
     summary("model", "training step vs HF GPT2LMHeadModel eager", f"{o / train_tps['HF eager']:.2f}x (MFU {100 * ours.mfu(o, matmul_peak(), seq_len=T):.0f}%)")
     summary("model", "greedy KV-cache generation vs HF generate (same tokens)", f"{g / gen_tps['HF eager']:.2f}x")

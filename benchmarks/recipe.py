@@ -129,6 +129,10 @@ def main() -> None:
         "",
     ])
     print(report)
+    from benchmarks._cli import summary
+
+    summary("recipe", f"modern recipe vs GPT-2's, seconds to GPT-2's final val bpb, {args.steps} steps, {args.seeds} seed(s)",
+            f"{ratio:.2f}x")
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report, encoding="utf-8")

@@ -7,7 +7,9 @@
 Reports tokens/s, loop overhead (loop vs bare, target ≤ 3%), ours vs HF, and CPU MFU against the
 measured fp32 matmul peak of this machine. The three are measured in turn, `--rounds` times, and
 the fastest 5-step window of each is kept (the machine may be shared). One thread by default: less
-sensitive to other processes. Run: .venv/bin/python benchmarks/train.py [--steps 25] [--rounds 4] [--threads 1]
+sensitive to other processes. `--compile 1` (default) adds torch.compile(ours) and its break-even
+step count including the compilation: what `train.compile: auto` is decided by on CPU.
+Run: .venv/bin/python benchmarks/train.py [--steps 25] [--rounds 4] [--threads 1] [--compile 1]
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from pathlib import Path
 os.environ.setdefault("GPTCORE_PROGRESS", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import fresh_inductor_cache  # noqa: E402
+
+fresh_inductor_cache()
 import torch  # noqa: E402
 
 from gptcore.config import config_from_dict  # noqa: E402
@@ -96,6 +102,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compile", type=int, default=1, help="also time torch.compile(ours) and its break-even (0: skip)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -112,7 +119,17 @@ def main() -> None:
         vocab = ShardLoader(data, "train", 8, SHAPE["block_size"]).manifest["vocab_size"]
         x, y = ShardLoader(data, "train", 8, SHAPE["block_size"], seed=1).next_batch()
         gcfg = GPTConfig.preset("tiny", vocab_size=vocab, **SHAPE)
-        best = {"loop": 0.0, "bare": 0.0, "hf": 0.0}
+        best = {"loop": 0.0, "bare": 0.0, "hf": 0.0, "compiled": 0.0}
+        compiled = None
+        if args.compile:  # torch.compile (inductor, CPU): the first step pays the compilation
+            torch.manual_seed(cfg.run.seed)
+            compiled = build_model(gcfg).train()
+            compiled.compile()
+            t0 = time.perf_counter()
+            _, loss = compiled(x, y)
+            loss.backward()  # forward and backward graphs both compile here
+            compile_s = time.perf_counter() - t0
+            compiled.zero_grad(set_to_none=True)
         for r in range(args.rounds):
             out = Path(tmp) / f"run{r}"
             pretrain(cfg, data, out)
@@ -120,6 +137,8 @@ def main() -> None:
             torch.manual_seed(cfg.run.seed)
             best["bare"] = max(best["bare"], bare_loop(build_model(gcfg).train(), args.steps, x, y))
             best["hf"] = max(best["hf"], hf_step_loop(hf_model(vocab), args.steps, x, y))
+            if compiled is not None:
+                best["compiled"] = max(best["compiled"], bare_loop(compiled, args.steps, x, y))
         model = build_model(gcfg)
         peak = cpu_peak_flops()
         fpt = model.flops_per_token(SHAPE["block_size"])
@@ -129,13 +148,27 @@ def main() -> None:
     print(f"CPU peak (measured fp32 1024² matmul): {peak / 1e9:.1f} GFLOP/s\n")
     print("| setup | tokens/s | vs bare step | MFU (CPU) |")
     print("|---|---:|---:|---:|")
-    for name, label in (("bare", "bare model step (ours)"), ("loop", "gptcore pretrain loop"), ("hf", "HF GPT2LMHeadModel, same AdamW")):
+    rows = [("bare", "bare model step (ours)"), ("loop", "gptcore pretrain loop"), ("hf", "HF GPT2LMHeadModel, same AdamW")]
+    if compiled is not None:
+        rows.append(("compiled", "bare model step, torch.compile (inductor)"))
+    for name, label in rows:
         tps = best[name]
         print(f"| {label} | {tps:,.0f} | {tps / best['bare']:.3f} | {fpt * tps / peak:.1%} |")
-    print(f"\nloop overhead: {1 - best['loop'] / best['bare']:+.1%} (target ≤ 3%)   ours vs HF: {best['bare'] / best['hf']:.2f}×")
+    ratio = best["bare"] / best["hf"]
+    print(f"\nloop overhead: {1 - best['loop'] / best['bare']:+.1%} (target ≤ 3%)   ours vs HF: {ratio:.2f}×   "
+          f"load average {os.getloadavg()[0]:.1f}")
     from _cli import summary
 
     summary("train", "pretrain loop overhead vs the bare step", f"{1 - best['loop'] / best['bare']:+.1%}")
+    summary("train", f"training step vs HF GPT2LMHeadModel eager, same fused AdamW, {args.threads} thread(s)",
+            f"{ratio:.2f}x (MFU {fpt * best['bare'] / peak:.0%} vs HF {fpt * best['hf'] / peak:.0%})")
+    if compiled is not None:
+        tokens = 8 * SHAPE["block_size"]
+        saved = tokens / best["bare"] - tokens / best["compiled"]  # seconds per step
+        even = f"break-even after {compile_s / saved:,.0f} steps" if saved > 0 else "never breaks even"
+        print(f"torch.compile: first step (compilation) {compile_s:.1f} s; compiled / eager {best['compiled'] / best['bare']:.3f}; {even}")
+        summary("train", "torch.compile on CPU: compile time, speed-up, break-even",
+                f"{compile_s:.0f} s, {best['compiled'] / best['bare']:.2f}x, {even}")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ def test_greedy_generation_matches_transformers_generate(tmp_path):
     ours = load_hf_gpt2(folder)
     idx = torch.randint(0, 311, (2, 6))
     ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=20, do_sample=False, pad_token_id=0)
-    assert torch.equal(ours.generate(idx, 20, temperature=0), ref)
+    assert torch.equal(ours.generate(idx, 20, temperature=0), ref)  # prefill, then static decode steps
+    assert torch.equal(ours.generate(idx, 20, temperature=0, use_cache=False), ref)  # no cache: full recompute
 
 
 def test_save_hf_gpt2_round_trip_in_transformers(tmp_path):

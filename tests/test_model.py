@@ -155,6 +155,35 @@ def test_kv_cache_chunks_equal_full_forward(impl, variant):
     assert (torch.cat(parts, 1) - full).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("impl", ["math", "sdpa"])
+@pytest.mark.parametrize("variant", ["gpt2", "llama", "gqa"])
+def test_static_decode_steps_equal_full_forward(impl, variant):
+    """decode_step (static shapes: the whole zeroed cache, a mask of the written slots) after a prefill
+    gives the full forward's logits at every position, and leaves cache.pos to the caller."""
+    torch.manual_seed(0)
+    m = build_model(small(**{**VARIANTS[variant], "attn_impl": impl})).eval()
+    idx = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        full = m(idx)[0]
+        cache = KVCache(m.config, 2, 20, "cpu", torch.float32)
+        parts = [m(idx[:, :5], kv_cache=cache)[0][:, -1]]
+        for t in range(5, 12):
+            parts.append(m.decode_step(idx[:, t:t + 1], cache, torch.tensor([t])))
+            assert cache.pos == t and cache.at is None
+            cache.pos += 1
+    assert (torch.stack(parts, 1) - full[:, 4:]).abs().max() < 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_generates_the_same_tokens():
+    torch.manual_seed(0)
+    m = build_model(small(n_layer=1)).eval()
+    idx = torch.randint(0, 97, (2, 5))
+    ref = m.generate(idx, 12, temperature=0, use_cache=False)
+    m.compile_decode()
+    assert torch.equal(m.generate(idx, 12, temperature=0), ref)
+
+
 # ------------------------------------------------------------------ forward, loss, training
 
 

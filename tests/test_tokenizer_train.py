@@ -7,7 +7,7 @@ import pytest
 
 from gptcore.tokenizer.reference import train_reference
 
-from gptcore.tokenizer.train import train_merges
+from gptcore.tokenizer.train import count_chunks_parallel, train_merges
 from gptcore.errors import ConfigError, DataError
 from gptcore.tokenizer import PATTERNS, BPETokenizer
 
@@ -119,7 +119,7 @@ def test_stream_memory_grows_with_distinct_chunks_not_corpus():
 
     def peak(copies):
         tracemalloc.start()
-        BPETokenizer.train((doc[:] + str(i % 3) for i in range(copies)), vocab_size=300)
+        BPETokenizer.train((doc[:] + str(i % 3) for i in range(copies)), vocab_size=300, num_proc=1)
         _, p = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         return p
@@ -127,3 +127,46 @@ def test_stream_memory_grows_with_distinct_chunks_not_corpus():
     small, big = peak(4), peak(60)  # 15x more text, same distinct chunks
     assert big < 1.5 * small + 200_000, (small, big)
     assert big < 0.5 * 60 * len(doc)  # below what merely holding the stream would take
+
+
+def test_parallel_chunk_counts_equal_regex_findall_and_memory_stays_bounded():
+    """Worker processes count batches of the stream: the sum equals one Counter over regex.findall
+    of every text, and the parent never holds more than a few batches of the 4.2 MB stream."""
+    import tracemalloc
+    from collections import Counter
+
+    import regex
+
+    import gptcore.tokenizer.bpe_tokenizer as mod
+
+    doc = (open(mod.__file__, encoding="utf-8").read() * 8)[:70_000]
+
+    def texts(copies):
+        return (doc[:] + f" x{i % 7} <|endoftext|>" for i in range(copies))
+
+    def count(copies):
+        tracemalloc.start()
+        got = count_chunks_parallel(texts(copies), PATTERNS["gpt4"], ["<|endoftext|>"], num_proc=2, batch_chars=100_000)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return got, peak
+
+    (got, small), (_, big) = count(20), count(80)  # 1.4 MB and 5.6 MB of text
+    split = regex.compile(PATTERNS["gpt4"])
+    assert got == Counter(c for t in texts(20) for part in t.split("<|endoftext|>") for c in split.findall(part))
+    assert big < 1.5 * small + 200_000, (small, big)  # 4x the text, about the same memory
+    assert big < 0.5 * 80 * len(doc), big  # below what merely holding the stream would take
+
+
+def test_training_merges_do_not_depend_on_worker_processes():
+    texts = [t * 3 for t in SMALL_CORPORA[2] + SMALL_CORPORA[4]] * 20
+    serial = BPETokenizer.train(texts, vocab_size=400, num_proc=1).merges
+    assert serial == train_reference(texts, 400 - 257, PATTERNS["gpt4"])
+    import gptcore.tokenizer.train as train_mod
+
+    small_batches = train_mod._batches
+    train_mod._batches = lambda t, n: small_batches(t, 500)  # many batches: the parallel path
+    try:
+        assert BPETokenizer.train(texts, vocab_size=400, num_proc=2).merges == serial
+    finally:
+        train_mod._batches = small_batches

@@ -345,3 +345,58 @@ def test_cli_pretrain_and_errors(data_dir, tmp_path, run_cli):
     assert "Traceback" not in r.stderr
     r = run_cli("pretrain", cfg_file, "--data", data_dir, "--out", tmp_path / "out", "--set", "train.lr=0.5")
     assert r.returncode == 2 and "different run" in r.stderr and "train.lr" in r.stderr
+
+
+def test_cpu_adamw_is_fused_and_equals_torch_reference_adamw():
+    """build_optimizer takes torch's fused AdamW on CPU; its steps equal torch's plain for-loop AdamW."""
+    from gptcore.training.optim import build_optimizer
+
+    a, b = _tiny_model(), _tiny_model()
+    b.load_state_dict(a.state_dict())
+    oa = build_optimizer(a, lr=1e-2)
+    assert oa.defaults["fused"] is True
+    decay = [p for p in b.parameters() if p.dim() >= 2]
+    rest = [p for p in b.parameters() if p.dim() < 2]
+    ob = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                           lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False, fused=False)
+    for step in range(5):  # the same gradients for both (the model's own: near-zero ones included)
+        x = torch.randint(0, 64, (2, 16))
+        a(x, x)[1].backward()
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            pb.grad = pa.grad.clone()
+        oa.step(), ob.step()
+        oa.zero_grad(set_to_none=True), ob.zero_grad(set_to_none=True)
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-6)
+            pb.data.copy_(pa.data)  # the next gradients are a's: keep b's weights equal, test the step alone
+
+
+def test_compile_auto_is_on_for_cuda_only():
+    from gptcore.training.devices import compile_by_default
+
+    assert compile_by_default(torch.device("cuda"), 10)
+    assert not compile_by_default(torch.device("cpu"), 10**6)
+
+
+@pytest.mark.slow
+def test_compiled_training_gives_eager_losses():
+    """torch.compile (inductor on CPU) of the model: the same losses as eager, step by step, to float32 tolerance."""
+    from gptcore.training.optim import build_optimizer
+
+    eager, comp = _tiny_model(), _tiny_model()
+    comp.load_state_dict(eager.state_dict())
+    comp.compile()
+    x = torch.randint(0, 64, (4, 16))
+    y = torch.roll(x, -1, 1)
+    losses = {}
+    for name, m in (("eager", eager), ("compiled", comp)):
+        opt = build_optimizer(m, lr=1e-2)
+        losses[name] = []
+        for _ in range(4):
+            loss = m(x, y)[1]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[name].append(loss.item())
+    assert losses["eager"][-1] < losses["eager"][0]  # it trains
+    torch.testing.assert_close(losses["compiled"], losses["eager"], rtol=1e-4, atol=1e-5)

@@ -74,10 +74,12 @@ assert tuple(NORMS) == NORM_NAMES, "list a new norm in gptconfig.NORM_NAMES too"
 # ----------------------------------------------------------------------------- positions
 
 
-def rope_tables(hs: int, start: int, T: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of angle (position · theta^(-2i/hs)) for positions start..start+T-1: each (T, hs/2)."""
+def rope_tables(hs: int, start: int | torch.Tensor, T: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of angle (position · theta^(-2i/hs)) for positions start..start+T-1: each (T, hs/2).
+    `start` may be a (1,) tensor (a static decode step: T = 1)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, hs, 2, device=device, dtype=torch.float32) / hs)
-    angle = torch.outer(torch.arange(start, start + T, device=device, dtype=torch.float32), inv_freq)
+    pos = torch.arange(T, device=device, dtype=torch.float32) + start
+    angle = torch.outer(pos, inv_freq)
     return angle.cos(), angle.sin()
 
 
@@ -96,13 +98,20 @@ class KVCache:
 
     `pos` counts the tokens already stored; a forward pass with the cache writes its T new keys
     and values at pos..pos+T-1 and attends over 0..pos+T-1, then `GPT.hidden` advances `pos`.
+
+    `GPT.decode_step` uses it with static shapes instead (what torch.compile wants): the new
+    key goes in at a position held in a tensor (`at`), and attention runs over all max_len slots
+    with the unwritten ones masked out (`visible`). The buffers start zeroed, so a masked slot
+    is 0, never an uninitialised NaN that 0 · NaN would spread.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
         shape = (batch_size, config.n_kv_head, max_len, config.head_size)
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_len, self.pos = max_len, 0
+        self.at: torch.Tensor | None = None  # (1,) position a static decode step writes
+        self.visible: torch.Tensor | None = None  # (1, max_len) bool: the slots 0..at it attends to
 
 
 class CausalSelfAttention(nn.Module):
@@ -132,7 +141,12 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:  # append to this layer's cache, attend over everything stored so far
+        visible = None  # an explicit (T, S) mask of the keys each query sees, when not plain causal
+        if cache is not None and cache.at is not None:  # static decode step: one slot written, all masked-attended
+            cache.k[self.layer_idx].index_copy_(2, cache.at, k)
+            cache.v[self.layer_idx].index_copy_(2, cache.at, v)
+            k, v, visible = cache.k[self.layer_idx], cache.v[self.layer_idx], cache.visible  # (B, nkv, max_len, hs)
+        elif cache is not None:  # append to this layer's cache, attend over everything stored so far
             p = cache.pos
             cache.k[self.layer_idx][:, :, p:p + T] = k
             cache.v[self.layer_idx][:, :, p:p + T] = v
@@ -145,17 +159,18 @@ class CausalSelfAttention(nn.Module):
                 k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, nh, S, hs)
                 v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.hs))  # (B, nh, T, S)
-            causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)  # query t sees keys <= S-T+t
-            att = att.masked_fill(~causal, float("-inf"))
+            if visible is None:
+                visible = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)  # query t sees keys <= S-T+t
+            att = att.masked_fill(~visible, float("-inf"))
             att = F.softmax(att.float(), dim=-1).type_as(q)
             att = self.attn_dropout(att)
             y = att @ v  # (B, nh, T, S) x (B, nh, S, hs) -> (B, nh, T, hs)
         else:
             # the same computation as the "math" branch in one fused kernel (flash / memory-efficient)
-            mask, is_causal = None, T == S
-            if T != S and T > 1:  # a chunk after a cached prefix: explicit bottom-right causal mask
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+            is_causal = visible is None and T == S
+            if visible is None and T != S and T > 1:  # a chunk after a cached prefix: explicit bottom-right causal mask
+                visible = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout, is_causal=is_causal,
                                                enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh*hs): heads side by side
         return self.resid_dropout(self.c_proj(y))
@@ -237,6 +252,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False  # recompute each block's activations in backward
+        self.decode_compiled = False  # set by compile_decode
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
@@ -318,6 +334,37 @@ class GPT(nn.Module):
             kv_cache.pos += T
         return self.transformer.ln_f(x)
 
+    def decode_step(self, tok: torch.Tensor, cache: KVCache, at: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) after one token per row, tok (B, 1), standing at position `at` (a (1,) long tensor).
+
+        The same computation as `self(tok, kv_cache=cache)` but with static shapes: every step sees
+        tensors of the same sizes (the whole cache, a mask of the written slots), so a compiled
+        step (`compile_decode`) is traced once. Does not advance `cache.pos`; the caller does.
+        """
+        cache.at, cache.visible = at, (torch.arange(cache.max_len, device=tok.device) <= at)[None]  # (1, max_len)
+        try:
+            return self._decode(tok, cache)
+        finally:
+            cache.at = cache.visible = None
+
+    def _decode(self, tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        cfg = self.config
+        x = self.transformer.wte(tok)  # (B, 1, C)
+        rope = None
+        if cfg.pos == "learned":
+            x = x + self.transformer.wpe(cache.at)
+        else:
+            rope = rope_tables(cfg.head_size, cache.at, 1, cfg.rope_theta, tok.device)
+        for block in self.transformer.h:
+            x = block(x, rope, cache)
+        return self.logits(self.transformer.ln_f(x[:, -1]))  # (B, V)
+
+    def compile_decode(self, **options) -> None:
+        """Decode through `torch.compile` from now on (`generate` and `decode_step`): worth it for long
+        generations only; see BENCHMARKS.md for the measured break-even on CPU."""
+        self._decode = torch.compile(self._decode, fullgraph=True, dynamic=False, **options)
+        self.decode_compiled = True  # generate then sizes every cache block_size long: one shape, one compilation
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Next-token logits (..., V) of hidden states h (..., C); with `logit_softcap` c they are
         squashed smoothly into (−c, c): c · tanh(z / c) ≈ z for |z| ≪ c, so no logit runs away."""
@@ -357,16 +404,21 @@ class GPT(nn.Module):
             cache = None
             if use_cache:
                 param = next(self.parameters())
-                cache = KVCache(cfg, B, min(T + max_new_tokens, cfg.block_size), idx.device, param.dtype)
+                size = cfg.block_size if self.decode_compiled else min(T + max_new_tokens, cfg.block_size)
+                cache = KVCache(cfg, B, size, idx.device, param.dtype)
             seq, feed = idx, idx  # everything so far; what the cache has not seen yet
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+            at = torch.zeros(1, dtype=torch.long, device=idx.device)
             for _ in range(max_new_tokens):
-                if cache is not None and cache.pos + feed.size(1) <= cache.max_len:
-                    h = self.hidden(feed, kv_cache=cache)[:, -1]  # (B, C)
+                if cache is not None and cache.pos > 0 and cache.pos < cache.max_len:  # one token: static step
+                    logits = self.decode_step(feed, cache, at.fill_(cache.pos))
+                    cache.pos += 1
+                elif cache is not None and cache.pos + feed.size(1) <= cache.max_len:  # the prompt
+                    logits = self.logits(self.hidden(feed, kv_cache=cache)[:, -1])  # (B, V)
                 else:
                     cache = None
-                    h = self.hidden(seq[:, -cfg.block_size:])[:, -1]
-                logits = penalize(self.logits(h).float(), seq, repetition_penalty, no_repeat_ngram_size)  # (B, V)
+                    logits = self.logits(self.hidden(seq[:, -cfg.block_size:])[:, -1])
+                logits = penalize(logits.float(), seq, repetition_penalty, no_repeat_ngram_size)  # (B, V)
                 tok = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
                 if eos_id is not None:
                     tok = torch.where(done[:, None], torch.full_like(tok, eos_id), tok)

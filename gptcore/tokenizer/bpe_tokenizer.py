@@ -34,7 +34,7 @@ import regex
 from gptcore.errors import CheckpointError, ConfigError, DataError, GptcoreError
 from gptcore.fileio import atomic_write_bytes
 from gptcore.tokenizer import formats
-from gptcore.tokenizer.train import count_chunks, iter_texts, train_merges
+from gptcore.tokenizer.train import count_chunks_parallel, train_merges
 from gptcore.tokenizer.base import (ENDOFTEXT, FORMAT_BPE, FORMAT_SP, VERSION, SpecialTokensMixin,  # noqa: F401
                                     _content_sha, _dump, _fix_surrogates, _read_tokenizer_json)
 
@@ -137,11 +137,13 @@ class BPETokenizer(SpecialTokensMixin):
 
     @classmethod
     def train(cls, texts: str | Iterable[str], vocab_size: int, pattern: str = "gpt4",
-              special_tokens: Sequence[str] = (ENDOFTEXT,), progress: bool | None = None) -> "BPETokenizer":
+              special_tokens: Sequence[str] = (ENDOFTEXT,), progress: bool | None = None,
+              num_proc: int | None = None) -> "BPETokenizer":
         """Learn `vocab_size - 256 - len(special_tokens)` merges from `texts` (a str or a stream).
 
         Stops early (a smaller vocabulary) when no adjacent pair is left to merge. Special tokens
-        take the ids right after the last merge, in the order given."""
+        take the ids right after the last merge, in the order given. The chunks of a long stream
+        are counted in `num_proc` processes (default: every core), batch by batch."""
         from gptcore.progress import progress_bar
 
         specials = list(dict.fromkeys(special_tokens))
@@ -153,7 +155,7 @@ class BPETokenizer(SpecialTokensMixin):
             raise ConfigError(f"vocab_size {vocab_size} is too large", "tokenizer.vocab_size", "use < 1048000")
         pat = resolve_pattern(pattern)
         with progress_bar(None, "counting chunks", unit="char", enabled=progress) as bar:
-            counts = count_chunks(iter_texts(texts), regex.compile(pat), specials, progress=bar.update)
+            counts = count_chunks_parallel(texts, pat, specials, num_proc, progress=bar.update)
         if not counts:
             raise DataError("no text to train the tokenizer on", "texts", "give at least one non-empty text")
         with progress_bar(num_merges, "bpe merges", unit="merge", enabled=progress) as bar:

@@ -30,7 +30,9 @@ bytes are distinct and the vocabulary is a bytes -> rank map, exactly what tikto
 from __future__ import annotations
 
 import heapq
-from collections import Counter
+import itertools
+import os
+from collections import Counter, deque
 from typing import Iterable, Iterator
 
 _SHIFT = 20  # pair key = a << 20 | b
@@ -63,6 +65,77 @@ def count_chunks(texts: Iterable[str], split, specials: Iterable[str] = (), prog
     return counts
 
 
+def count_chunks_parallel(texts: Iterable[str], pattern: str, specials: Iterable[str] = (), num_proc: int | None = None,
+                          progress=None, batch_chars: int = 1 << 22) -> Counter:
+    """`count_chunks` across `num_proc` worker processes (default: every core), streamed.
+
+    The stream is cut into batches of ~`batch_chars` characters; each is counted in a worker and
+    the histograms summed here. At most two batches per worker are in flight, so memory holds the
+    distinct chunks and a few batches, never the corpus. A stream shorter than two batches (and
+    num_proc 1, or a call from a daemonic worker, which may not start processes) is counted here.
+    The sum does not depend on how the stream was cut, so the merges are the same either way.
+    """
+    import multiprocessing as mp
+
+    import regex
+
+    specials = tuple(s for s in specials if s)
+    n = num_proc or os.cpu_count() or 1
+    if n <= 1 or mp.current_process().daemon:
+        return count_chunks(iter_texts(texts), regex.compile(pattern), specials, progress)
+    batches = _batches(iter_texts(texts), batch_chars)
+    head = list(itertools.islice(batches, 2))
+    if len(head) < 2:
+        return count_chunks(itertools.chain.from_iterable(head), regex.compile(pattern), specials, progress)
+    stream = itertools.chain(head, batches)
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    counts: Counter = Counter()
+    pending: deque = deque()
+
+    def collect() -> None:
+        chunk_counts, chars = pending.popleft().result()
+        counts.update(chunk_counts)
+        if progress is not None:
+            progress(chars)
+
+    with ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_counter, initargs=(pattern, specials)) as pool:
+        for batch in stream:
+            pending.append(pool.submit(_count_batch, batch))
+            if len(pending) >= 2 * n:
+                collect()
+        while pending:
+            collect()
+    return counts
+
+
+def _batches(texts: Iterator[str], batch_chars: int) -> Iterator[list[str]]:
+    """Consecutive lists of texts of at least `batch_chars` characters each (the last one may be shorter)."""
+    batch, size = [], 0
+    for t in texts:
+        batch.append(t)
+        size += len(t)
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+_COUNTER: dict = {}
+
+
+def _init_counter(pattern: str, specials: tuple[str, ...]) -> None:
+    import regex
+
+    _COUNTER["split"], _COUNTER["specials"] = regex.compile(pattern), specials
+
+
+def _count_batch(batch: list[str]) -> tuple[Counter, int]:
+    return count_chunks(batch, _COUNTER["split"], _COUNTER["specials"]), sum(map(len, batch))
+
+
 def train_merges(
     chunk_counts: dict[str, int] | dict[bytes, int],
     num_merges: int,
@@ -84,19 +157,16 @@ def train_merges(
             words.append(list(b))
             wcount.append(c)
 
-    # pair -> total count; pair -> ids of the words it occurs in (a superset: checked on use)
+    # pair -> total count; pair -> ids of the words it occurs in (a superset, checked on use: a list,
+    # a word id appended once per run of additions, so a word rarely appears twice and a repeat is a no-op)
     counts: dict[int, int] = {}
-    where: dict[int, set] = {}
+    where: dict[int, list] = {}
     for wi, w in enumerate(words):
         c = wcount[wi]
         for x, y in zip(w, w[1:]):
             k = x << _SHIFT | y
             counts[k] = counts.get(k, 0) + c
-            s = where.get(k)
-            if s is None:
-                where[k] = {wi}
-            else:
-                s.add(wi)
+            _add_where(where, k, wi)
     heap = [k - (c << _CSHIFT) for k, c in counts.items()]
     heapq.heapify(heap)
 
@@ -135,12 +205,14 @@ def _apply_merge(words, wcount, counts, where, heap, a, b, z) -> None:
     get = counts.get
     for wi in where.pop(pair, ()):
         w = words[wi]
+        if a not in w:  # a stale entry: the word lost the pair to an earlier merge
+            continue
         n = len(w)
         c = wcount[wi]
-        out: list[int] = []
-        i = 0
-        while i < n:
-            if w[i] == a and i + 1 < n and w[i + 1] == b:
+        i = w.index(a)  # list.index and slices skip the stretches without `a` at C speed
+        out: list[int] = w[:i]
+        while True:  # here w[i] == a
+            if i + 1 < n and w[i + 1] == b:
                 if out:  # left neighbour: (p, a) -> (p, z); p may be a z made just before
                     p = out[-1]
                     k = p << _SHIFT | a
@@ -160,8 +232,14 @@ def _apply_merge(words, wcount, counts, where, heap, a, b, z) -> None:
                 out.append(z)
                 i += 2
             else:
-                out.append(w[i])
+                out.append(a)
                 i += 1
+            if a not in w[i:]:
+                out += w[i:]
+                break
+            j = w.index(a, i)
+            out += w[i:j]
+            i = j
         if len(out) != n:
             words[wi] = out
     counts.pop(pair, None)
@@ -174,9 +252,9 @@ def _apply_merge(words, wcount, counts, where, heap, a, b, z) -> None:
 def _add_where(where, k, wi) -> None:
     s = where.get(k)
     if s is None:
-        where[k] = {wi}
-    else:
-        s.add(wi)
+        where[k] = [wi]
+    elif s[-1] != wi:
+        s.append(wi)
 
 
 def iter_texts(texts) -> Iterator[str]:

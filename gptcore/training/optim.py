@@ -96,8 +96,11 @@ def _adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float, bet
         {"params": no_decay, "weight_decay": 0.0},
     ]
     extra = {}
-    # fused AdamW is one kernel per step instead of one per parameter; CUDA (and recent CPU builds) have it
-    if "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type == "cuda":
+    # fused AdamW is one kernel per step instead of a loop of small ops per parameter: CUDA has it, and
+    # CPU since torch 2.4 (the default on CPU is a Python loop over the parameters)
+    # (plain tensors only: FSDP2's sharded DTensor parameters keep the default implementation)
+    plain = not any(hasattr(p, "device_mesh") for p in params)
+    if "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu") and plain:
         extra["fused"] = True
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **extra)
 

@@ -30,7 +30,7 @@ from gptcore.errors import ConfigError, DataError
 from gptcore.fileio import sha256_file
 from gptcore.training import distributed as D
 from gptcore.training import engine
-from gptcore.training.devices import autocast_dtype, flag, resolve_device  # noqa: F401 (resolve_device: re-export)
+from gptcore.training.devices import autocast_dtype, compile_by_default, flag, resolve_device  # noqa: F401 (resolve_device: re-export)
 from gptcore.training.engine import train_step  # noqa: F401  (re-export: `from gptcore.training.pretrain import train_step`)
 
 from gptcore.training import READS  # noqa: E402,F401  (declared in the package, torch-free: a cached pipeline run never imports torch)
@@ -107,7 +107,7 @@ def pretrain(config, data_dir: str | Path, out_dir: str | Path, callbacks: Seque
         engine.seed_everything(config.run.seed)
         raw = _build_model(gcfg, device)
         raw.gradient_checkpointing = t.activation_checkpointing
-        if flag(t.compile, device.type == "cuda") and not use_fsdp:
+        if flag(t.compile, compile_by_default(device, t.max_steps)) and not use_fsdp:
             raw.compile()
         model = D.wrap_model(raw, info, device, fsdp=use_fsdp, mixed_bf16=amp is torch.bfloat16)
         if use_fsdp and flag(t.compile, True):
