@@ -191,15 +191,15 @@ def shard(config: Config, key: str, store: str, workdir: str, corpus: dict, toke
 
 
 def _model_result(summary: dict, track: dict | None, work: Path, published: Path, store: str, extra: dict) -> dict:
-    """Publish the engine's final/ as this key's result (hard links), plot the curves, log both."""
+    """Publish the engine's final/ as this key's result (hard links), plot the curves; log the plot,
+    and the folder as the run's logged MLflow model (pyfunc, its artifact "model")."""
     from gptcore.metrics import read_metrics
     from gptcore.model.folder import model_sha256
 
     final = link_tree(summary["final_dir"], published)
     rows = read_metrics(work / "metrics.jsonl")
     plot = tracking.plot_curves(rows, work / "loss.png", title=work.parent.name)
-    _log_artifact(track, final, "model")
-    if plot:
+    if plot:  # the model folder itself is stored once: inside the logged MLflow model below
         _log_artifact(track, plot)
     result = {k: v for k, v in _numbers(summary).items()}
     result.update(dir=str(final), sha256=model_sha256(final), files=folder_digests(final, store),

@@ -152,7 +152,12 @@ def test_mlflow_holds_params_nested_runs_metrics_and_artifacts(pipe):
 
     assert "tokenizer/tokenizer.json" in files(children["train_tokenizer"].info.run_id)
     assert "manifest.json" in files(children["shard"].info.run_id)
-    assert {"model/config.json", "model/model.safetensors", "loss.png"} <= files(pre.info.run_id)
+    assert "loss.png" in files(pre.info.run_id)
+    models = c.search_logged_models([report["experiment_id"]], filter_string=f"source_run_id = '{pre.info.run_id}'")
+    import mlflow.artifacts  # the model folder lives once, inside the run's logged MLflow model
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=models[0].artifact_location, tracking_uri=report["uri"]))
+    assert {"config.json", "model.safetensors"} <= {f.name for f in local.rglob("*")}
     assert {"eval.json", "eval.txt", "samples.txt"} <= files(children["evaluate"].info.run_id)
     assert "samples.txt" in files(children["finetune"].info.run_id)
     assert "summary.md" in files(report["run_id"])
@@ -195,9 +200,13 @@ def test_promotion_gate_moves_champion_only_for_better_bpb(pipe, monkeypatch):
     assert len(c.search_model_versions("name='gptcore-pretrained'")) == 3
     mv = c.get_model_version("gptcore-pretrained", "1")
     assert mv.source == c.get_logged_model(mv.tags["model_id"]).artifact_location  # a logged MLflow model
-    cfg = json.loads(Path(c.download_artifacts(c.get_model_version("gptcore-pretrained", "1").run_id,
-                                               "model/config.json")).read_text())
+    import mlflow.artifacts
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, tracking_uri=r1["uri"]))
+    cfg = json.loads(next(local.rglob("config.json")).read_text())  # the model folder, inside the MLflow model
     assert cfg["lr"] == 0.001
+    runs_artifacts = [f.path for f in c.list_artifacts(mv.run_id)]
+    assert "loss.png" in runs_artifacts and "model" not in runs_artifacts, runs_artifacts  # the pretrain run: stored once
 
 
 def test_tracking_disabled_runs_without_mlflow(pipe, tmp_path, monkeypatch):
