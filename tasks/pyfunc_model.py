@@ -13,6 +13,7 @@ fine-tuning trained it; a pre-trained model continues the text as given.
 from __future__ import annotations
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 DEFAULTS = {"max_new_tokens": 64, "temperature": 0.0, "top_k": 200}
@@ -36,7 +37,10 @@ class GptcoreModel(PythonModel):
 
         self.session = Session(context.artifacts["model"])
 
-    def predict(self, context, model_input, params=None):  # no type hints: they would replace the params schema
+    # model_input: pd.DataFrame is what pyfunc hands over under our signature (one string column). MLflow
+    # infers no schema from that hint (ours, with params, is explicit) and so validates nothing more,
+    # as without a hint, but it no longer prints its "add type hints" advice at every load.
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         p = {**DEFAULTS, **{k: v for k, v in (params or {}).items() if v is not None}}
         top_k = int(p["top_k"]) if p["top_k"] and int(p["top_k"]) > 0 else None
         return [self.session.complete(prompt, int(p["max_new_tokens"]), float(p["temperature"]), top_k)
