@@ -122,15 +122,20 @@ def test_unreachable_prefect_api_is_one_line(tmp_path):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / ".gptcore").exists()
 
 
-def test_ctrl_c_to_the_process_group_stops_everything(tmp_path):
-    """A terminal's Ctrl-C: SIGINT reaches gptcore's whole process group; the temporary Prefect
-    server (its own session) is stopped by gptcore, after the runs are marked KILLED."""
+def held_in_pretrain(tmp_path: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:
+    """The fake pipeline started and held in its pretrain stage; with the processes it has started."""
     (tmp_path / "c.yaml").write_text("run: {name: t}\n")
     flag = tmp_path / "sleeping"
     p = start(tmp_path, [sys.executable, str(FAKES)], "c.yaml", *TINY_FAKE,
               env={"FAKE_SLEEP": "pretrain:120", "FAKE_SLEEP_FLAG": str(flag)})
     wait_for(p, flag.exists, tmp_path)
-    before = descendants(p.pid)
+    return p, descendants(p.pid)
+
+
+def test_ctrl_c_to_the_process_group_stops_everything(tmp_path):
+    """A terminal's Ctrl-C: SIGINT reaches gptcore's whole process group; the temporary Prefect
+    server (its own session) is stopped by gptcore, after the runs are marked KILLED."""
+    p, before = held_in_pretrain(tmp_path)
     assert any("uvicorn" in " ".join(q.cmdline()) for q in before), "expected the temporary Prefect server"
     seconds = interrupt(p, signal.SIGINT)
     assert_clean_stop(tmp_path, p, before, seconds, 130, "interrupted")
@@ -228,12 +233,7 @@ def test_reconcile_closes_only_runs_whose_owner_is_provably_gone(tmp_path):
 def test_ctrl_c_with_a_dead_api_still_ends_within_the_deadline(tmp_path):
     """The Prefect server killed from outside first: Prefect's crash reports would retry against a
     closed port for a minute; gptcore still exits 130 in time and closes its runs."""
-    (tmp_path / "c.yaml").write_text("run: {name: t}\n")
-    flag = tmp_path / "sleeping"
-    p = start(tmp_path, [sys.executable, str(FAKES)], "c.yaml", *TINY_FAKE,
-              env={"FAKE_SLEEP": "pretrain:120", "FAKE_SLEEP_FLAG": str(flag)})
-    wait_for(p, flag.exists, tmp_path)
-    before = descendants(p.pid)
+    p, before = held_in_pretrain(tmp_path)
     for q in before:
         q.kill()
     gone(before)
