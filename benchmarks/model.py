@@ -6,6 +6,8 @@ Config: 4 layers, 4 heads, 256 wide, vocab 8192, context 256; training batch 8 x
   * training step (forward + backward + AdamW), tokens/s: ours (sdpa) vs HF eager (and HF sdpa)
   * greedy KV-cache generation, new tokens/s: ours `generate(temperature=0)` vs HF `generate(do_sample=False)`,
     checked token-identical
+  * the decode floor: new tokens/s of the weight matrix-vector products alone, the ceiling of any
+    float32 decoder of these weights (its ratio to HF is the most any speed-up can reach)
   * MFU of our training step against a measured float32 matmul peak (PaLM's 6N + 12·L·H·Q·T FLOPs/token)
 Timings alternate between the two models in rounds and report the median, so load from other
 processes hits both alike. Prints a markdown table.
@@ -42,6 +44,23 @@ def matmul_peak(n: int = 1024, reps: int = 20) -> float:
             a @ b
         best = min(best, (time.perf_counter() - t) / reps)
     return 2 * n**3 / best
+
+
+def matvec_floor(model, n: int, reps: int = 3) -> float:
+    """New tokens/s if a decode step did nothing but its weight matrix-vector products: every
+    nn.Linear of `model` (the tied head included) once per token on a (1, in) row, same threads.
+    No decoder of these weights in float32 can beat it; HF's rate over it bounds any speed-up."""
+    layers = [(m.weight, m.bias) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    rows = [torch.randn(1, w.shape[1]) for w, _ in layers]
+    linear = torch.nn.functional.linear
+
+    def one_token():
+        for (w, b), x in zip(layers, rows):
+            linear(x, w, b)
+
+    with torch.no_grad():
+        one_token()
+        return n / min(timed(one_token, n) * n for _ in range(reps))
 
 
 def train_step_fn(model, forward_loss, lr=1e-4):
@@ -148,6 +167,7 @@ def main() -> None:
                 gtimes[k].append(timed(fn, 1))
     gen_tps = {k: n / statistics.median(v) for k, v in gtimes.items()}
 
+    floor_tps = matvec_floor(ours, n)
     peak = matmul_peak()
     mfu = ours.mfu(train_tps["ours (sdpa)"], peak, seq_len=T)
 
@@ -162,6 +182,8 @@ def main() -> None:
     g = gen_tps["ours"]
     print(f"| greedy KV-cache generation new tokens/s (batch 1, {n} new) | {g:,.0f} | {gen_tps['HF eager']:,.0f} | "
           f"{gen_tps['HF sdpa']:,.0f} | {g / gen_tps['HF eager']:.2f}x | {g / gen_tps['HF sdpa']:.2f}x |")
+    print(f"| decode floor: the weight matvecs alone (no attention, no overhead) | {floor_tps:,.0f} | | | "
+          f"{floor_tps / gen_tps['HF eager']:.2f}x | {floor_tps / gen_tps['HF sdpa']:.2f}x |")
     if args.compile:
         c = train_tps["ours (sdpa, compiled)"]
         print(f"| training step tokens/s, torch.compile(ours) | {c:,.0f} | | | {c / train_tps['HF eager']:.2f}x | |")
@@ -181,6 +203,8 @@ def main() -> None:
 
     summary("model", "training step vs HF GPT2LMHeadModel eager", f"{o / train_tps['HF eager']:.2f}x (MFU {100 * ours.mfu(o, matmul_peak(), seq_len=T):.0f}%)")
     summary("model", "greedy KV-cache generation vs HF generate (same tokens)", f"{g / gen_tps['HF eager']:.2f}x")
+    summary("model", "greedy decode ceiling: weight matvecs alone vs HF generate", f"{floor_tps / gen_tps['HF eager']:.2f}x "
+            f"(ours at {100 * g / floor_tps:.0f}% of it)")
     print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s; FLOPs/token (6N + 12·L·H·Q·T, T={T}): "
           f"{ours.flops_per_token(T) / 1e6:.1f} M; our training MFU: {100 * mfu:.1f}%")
     import shutil

@@ -4,6 +4,9 @@
     bare      the same model and optimizer stepping on one fixed batch in a 6-line loop
     hf        transformers' GPT2LMHeadModel of the same shape, same AdamW, same bare loop
 
+    floor     the weight GEMMs of one step alone (forward and both backward products of every
+              nn.Linear): no float32 step is faster, so floor / hf is the ceiling of any speed-up over HF
+
 Reports tokens/s, loop overhead (loop vs bare, target ≤ 3%), ours vs HF, and CPU MFU against the
 measured fp32 matmul peak of this machine. The three are measured in turn, `--rounds` times, and
 the fastest 5-step window of each is kept (the machine may be shared). One thread by default: less
@@ -67,6 +70,27 @@ def bare_loop(model, steps: int, x, y, log_every: int = 5) -> float:
             rates.append(log_every * x.numel() / (now - t0))
             t0 = now
     return best_window(rates)
+
+
+def gemm_floor(model, tokens: int, reps: int = 5) -> float:
+    """Tokens/s if a training step did nothing but its weight matmuls: for every nn.Linear (the tied head
+    included), forward x·Wᵀ, backward dY·W and dYᵀ·x on `tokens` rows, at this thread count. Attention,
+    the loss, elementwise ops and the optimizer are left out, so no float32 step can beat it: HF's
+    rate over it bounds any model-side speed-up."""
+    shapes = [tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    mats = [(torch.randn(tokens, i), torch.randn(o, i), torch.randn(tokens, o)) for o, i in shapes]
+
+    def gemms():
+        for x, w, dy in mats:
+            x @ w.t(), dy @ w, dy.t() @ x
+
+    gemms()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        gemms()
+        best = min(best, time.perf_counter() - t)
+    return tokens / best
 
 
 def hf_model(vocab: int):
@@ -140,6 +164,7 @@ def main() -> None:
             if compiled is not None:
                 best["compiled"] = max(best["compiled"], bare_loop(compiled, args.steps, x, y))
         model = build_model(gcfg)
+        floor = gemm_floor(model, x.numel())
         peak = cpu_peak_flops()
         fpt = model.flops_per_token(SHAPE["block_size"])
 
@@ -154,6 +179,8 @@ def main() -> None:
     for name, label in rows:
         tps = best[name]
         print(f"| {label} | {tps:,.0f} | {tps / best['bare']:.3f} | {fpt * tps / peak:.1%} |")
+    print(f"| the weight GEMMs alone (the floor: no attention, loss, elementwise or optimizer) | {floor:,.0f} | "
+          f"{floor / best['bare']:.3f} | {fpt * floor / peak:.1%} |")
     ratio = best["bare"] / best["hf"]
     print(f"\nloop overhead: {1 - best['loop'] / best['bare']:+.1%} (target ≤ 3%)   ours vs HF: {ratio:.2f}×   "
           f"load average {os.getloadavg()[0]:.1f}")
@@ -162,6 +189,8 @@ def main() -> None:
     summary("train", "pretrain loop overhead vs the bare step", f"{1 - best['loop'] / best['bare']:+.1%}")
     summary("train", f"training step vs HF GPT2LMHeadModel eager, same fused AdamW, {args.threads} thread(s)",
             f"{ratio:.2f}x (MFU {fpt * best['bare'] / peak:.0%} vs HF {fpt * best['hf'] / peak:.0%})")
+    summary("train", "training step ceiling: the weight GEMMs alone vs HF eager", f"{floor / best['hf']:.2f}x "
+            f"(ours at {100 * best['bare'] / floor:.0f}% of it)")
     if compiled is not None:
         tokens = 8 * SHAPE["block_size"]
         saved = tokens / best["bare"] - tokens / best["compiled"]  # seconds per step
