@@ -25,7 +25,9 @@ import pytest
 FAKES = Path(__file__).resolve().parent / "pipeline_fakes.py"
 GPTCORE = [sys.executable, "-m", "gptcore.cli"]
 TINY_FAKE = ["--set", "data.max_bytes=3000", "--set", "train.max_steps=6", "--set", "finetune.max_steps=3"]
-DEADLINE = 10  # seconds from the signal to the exit: the guarantee
+HUNG = 60  # s after the signal: a liveness bound, not a speed (the shutdown deadline is 7 s; the
+# old code was still running 60-148 s later). How it ended is asserted from its output instead.
+LEFT_IT = "cleanup still unfinished"  # the shutdown deadline's line: the cleanup was cut short
 
 
 def start(tmp_path: Path, program: list[str], *args: str, env: dict | None = None) -> subprocess.Popen:
@@ -81,24 +83,23 @@ def runs(tmp_path: Path, experiment: str = "t") -> dict:
     return newest
 
 
-def interrupt(p: subprocess.Popen, sig: int) -> float:
-    """Send `sig` to the process group (Ctrl-C's way); seconds until the process exited."""
-    t0 = time.monotonic()
+def interrupt(p: subprocess.Popen, sig: int) -> None:
+    """Send `sig` to the process group (Ctrl-C's way) and wait for the exit; a hang fails the test."""
     os.killpg(p.pid, sig)
     try:
-        p.wait(timeout=60)
+        p.wait(timeout=HUNG)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
-        pytest.fail(f"still running 60 s after {signal.Signals(sig).name}")
-    return time.monotonic() - t0
+        pytest.fail(f"hung: still running {HUNG} s after {signal.Signals(sig).name}")
 
 
-def assert_clean_stop(tmp_path: Path, p: subprocess.Popen, before: list[psutil.Process], seconds: float,
-                      code: int, line: str) -> str:
+def assert_clean_stop(tmp_path: Path, p: subprocess.Popen, before: list[psutil.Process], code: int, line: str) -> str:
+    """Exit `code`, `line` alone on stderr (the main thread's own cleanup finished: the shutdown
+    deadline did not have to cut it short), no traceback, nothing it started still alive."""
     err = stderr_of(tmp_path)
     assert p.returncode == code, err
-    assert seconds <= DEADLINE, f"took {seconds:.1f} s after the signal"
     assert "Traceback" not in err, err
+    assert LEFT_IT not in err, err
     assert line in err.splitlines(), err
     assert not gone(before), "a child process (the Prefect server, a rank) outlived gptcore"
     assert session_members(p.pid) == [], "a process of gptcore's session is still alive"
@@ -137,8 +138,8 @@ def test_ctrl_c_to_the_process_group_stops_everything(tmp_path):
     server (its own session) is stopped by gptcore, after the runs are marked KILLED."""
     p, before = held_in_pretrain(tmp_path)
     assert any("uvicorn" in " ".join(q.cmdline()) for q in before), "expected the temporary Prefect server"
-    seconds = interrupt(p, signal.SIGINT)
-    assert_clean_stop(tmp_path, p, before, seconds, 130, "interrupted")
+    interrupt(p, signal.SIGINT)
+    assert_clean_stop(tmp_path, p, before, 130, "interrupted")
     r = runs(tmp_path)
     assert r["pipeline"].info.status == "KILLED" and r["pretrain"].info.status == "KILLED"
     assert r["shard"].info.status == "FINISHED"
@@ -230,17 +231,17 @@ def test_reconcile_closes_only_runs_whose_owner_is_provably_gone(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_with_a_dead_api_still_ends_within_the_deadline(tmp_path):
+def test_ctrl_c_with_a_dead_api_is_cut_short_by_the_deadline(tmp_path):
     """The Prefect server killed from outside first: Prefect's crash reports would retry against a
-    closed port for a minute; gptcore still exits 130 in time and closes its runs."""
+    closed port for a minute; the shutdown deadline leaves them, exits 130 and closes the runs."""
     p, before = held_in_pretrain(tmp_path)
     for q in before:
         q.kill()
     gone(before)
-    seconds = interrupt(p, signal.SIGINT)
+    interrupt(p, signal.SIGINT)
     err = stderr_of(tmp_path)
-    assert p.returncode == 130 and seconds <= DEADLINE and "Traceback" not in err, (seconds, err)
-    assert any(line.startswith("interrupted") for line in err.splitlines()), err
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted (cleanup still unfinished after 7 s: left it)" in err.splitlines(), err
     r = runs(tmp_path)
     assert r["pipeline"].info.status == "KILLED" and r["pretrain"].info.status == "KILLED"
 
@@ -261,8 +262,8 @@ def test_signal_during_real_training(tmp_path, sig, code, line):
     wait_for(p, lambda: any((tmp_path / "store" / "runs" / "pretrain").glob("*/checkpoints/step_*")), tmp_path)
     time.sleep(1)
     before = descendants(p.pid)
-    seconds = interrupt(p, sig)
-    assert_clean_stop(tmp_path, p, before, seconds, code, line)
+    interrupt(p, sig)
+    assert_clean_stop(tmp_path, p, before, code, line)
     r = runs(tmp_path)
     assert r["pipeline"].info.status == "KILLED" and r["pretrain"].info.status == "KILLED"
     from mlflow.tracking import MlflowClient
