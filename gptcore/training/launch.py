@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 from gptcore.cpus import torch_threads
 from gptcore.errors import ConfigError, GptcoreError
 from gptcore.fileio import atomic_write_json, atomic_write_text
+from gptcore.processes import stop
 
 Callback = Callable[[str, dict], None]
 
@@ -124,21 +125,6 @@ class MetricsFollower(threading.Thread):
                 cb(event, row)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Terminate the child's whole process group; kill what is left after 10 s."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def _rank_failure(launch_dir: Path, log: str) -> str:
     """What went wrong: torchrun's root cause (the first rank to fail), told in that rank's own words
     when it left them (error-rank{R}.json), else the signal or exit code that ended it."""
@@ -194,7 +180,7 @@ def launch(engine: str, config, args: Sequence[str], out_dir: str | Path, nproc:
             while proc.poll() is None:
                 time.sleep(0.2)
         except BaseException:  # Ctrl-C, SIGTERM (SystemExit), anything: no rank outlives us
-            _stop(proc)
+            stop([proc], grace=10, kill_wait=5, group=True)  # the whole group: torchrun and its ranks
             raise
         finally:
             follower.done.set()

@@ -1,0 +1,116 @@
+"""gptcore/processes.py `stop`: SIGTERM first, SIGKILL only for what outlives the grace.
+
+Real children, real signals; what each one received is read from outside: the exit status the
+kernel reports (-15 for SIGTERM's default action, -9 for SIGKILL) and the line a child writes
+when its SIGTERM handler runs."""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from gptcore.processes import stop
+
+GRACE = 2  # s: room for a loaded machine to run the child's SIGTERM handler before the SIGKILL
+
+IGNORES_SIGTERM = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *a: print("got SIGTERM", flush=True))
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+EXITS_ON_SIGTERM = """
+import sys, time
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+LEADS_A_GROUP = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, lambda *a: print("leader got SIGTERM", flush=True))
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]])
+print(child.pid, flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def child(code: str, *args: str, **kw) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, **kw)
+    assert p.stdout.readline().strip(), "the child did not start"
+    return p
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_grace():
+    p = child(IGNORES_SIGTERM)
+    stop([p], grace=GRACE, kill_wait=5)
+    assert p.returncode == -signal.SIGKILL
+    assert p.stdout.read().splitlines() == ["got SIGTERM"]  # it had its SIGTERM first
+
+
+def test_a_child_that_exits_on_sigterm_is_not_killed():
+    p = child(EXITS_ON_SIGTERM)
+    stop([p], grace=60, kill_wait=5)  # a long grace: it returns as soon as the child is gone
+    assert p.returncode == -signal.SIGTERM
+
+
+def test_several_children_share_one_grace_and_only_the_stubborn_one_is_killed():
+    stubborn, polite = child(IGNORES_SIGTERM), child(EXITS_ON_SIGTERM)
+    stop([stubborn, polite], grace=GRACE, kill_wait=5)
+    assert (stubborn.returncode, polite.returncode) == (-signal.SIGKILL, -signal.SIGTERM)
+
+
+def test_a_finished_child_gets_no_signal():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    stop([p], grace=0.5)
+    assert p.returncode == 0
+
+
+def test_group_mode_reaches_the_grandchildren():
+    """A leader in its own session (as launch starts torchrun) with a child; both ignore SIGTERM:
+    the whole group had SIGTERM, then gets SIGKILL after the grace."""
+    leader = child(LEADS_A_GROUP, IGNORES_SIGTERM, start_new_session=True)
+    assert leader.stdout.readline().strip(), "the grandchild did not start"  # its pid and its "ready", either order
+    grandchild = psutil.Process(leader.pid).children()[0]
+    stop([leader], grace=GRACE, kill_wait=5, group=True)
+    assert leader.returncode == -signal.SIGKILL
+    psutil.wait_procs([grandchild], timeout=5)
+    assert not grandchild.is_running() or grandchild.status() == psutil.STATUS_ZOMBIE
+    assert sorted(leader.stdout.read().splitlines()) == ["got SIGTERM", "leader got SIGTERM"]
+
+
+def _ignore_sigterm_then_sleep(flag: str) -> None:
+    signal.signal(signal.SIGTERM, lambda *a: Path(flag).write_text("got SIGTERM"))
+    Path(flag + ".ready").touch()
+    while True:
+        time.sleep(0.05)
+
+
+def _sleep(flag: str) -> None:
+    Path(flag + ".ready").touch()
+    while True:
+        time.sleep(0.05)
+
+
+def test_multiprocessing_workers_as_a_sweep_has_them(tmp_path):
+    """flows/sweep.py's workers are multiprocessing processes (concurrent.futures'): the same rules."""
+    ctx = multiprocessing.get_context("spawn")
+    flags = [str(tmp_path / "stubborn"), str(tmp_path / "polite")]
+    procs = [ctx.Process(target=_ignore_sigterm_then_sleep, args=(flags[0],)), ctx.Process(target=_sleep, args=(flags[1],))]
+    for p in procs:
+        p.start()
+    deadline = time.time() + 120
+    while not all(Path(f + ".ready").exists() for f in flags):
+        assert time.time() < deadline, "the workers did not start"
+        time.sleep(0.05)
+    stop(procs, grace=GRACE, kill_wait=5)
+    assert [p.exitcode for p in procs] == [-signal.SIGKILL, -signal.SIGTERM]
+    assert Path(flags[0]).read_text() == "got SIGTERM"
