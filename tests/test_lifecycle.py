@@ -273,3 +273,86 @@ def test_signal_during_real_training(tmp_path, sig, code, line):
     logged = [m.step for m in MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(
         r["pretrain"].info.run_id, "loss")]
     assert len(written) >= 4 and sorted(logged) == written, (written, logged)
+
+
+TWO_RANKS = [*REAL_TINY, "train.nproc_per_node=2", "train.batch_size=2"]  # 2 gloo ranks under torchrun
+
+
+def two_rank_run(tmp_path: Path) -> tuple[subprocess.Popen, list[psutil.Process], list[psutil.Process]]:
+    """`gptcore run` pre-training on 2 ranks, past its first checkpoint: (gptcore, what it started, the ranks).
+    torchrun has its own session, so a terminal's Ctrl-C reaches only gptcore, which stops the ranks."""
+    (tmp_path / "c.yaml").write_text("run: {name: t}\ntracking: {result_store: store}\n")
+    p = start(tmp_path, GPTCORE, "c.yaml", "--until", "pretrain", *[a for s in TWO_RANKS for a in ("--set", s)])
+    wait_for(p, lambda: any((tmp_path / "store" / "runs" / "pretrain").glob("*/checkpoints/step_*")), tmp_path)
+    time.sleep(1)
+    before = descendants(p.pid)
+    ranks = [q for q in before if "RANK" in q.environ()]
+    assert len(ranks) == 2, [q.cmdline()[:4] for q in before]
+    return p, before, ranks
+
+
+def kill_left(procs: list[psutil.Process]) -> None:
+    """After a failed test: SIGKILL what it started, so no rank trains on."""
+    for q in procs:
+        try:
+            q.kill()
+        except psutil.Error:
+            pass
+
+
+def newest_checkpoint(tmp_path: Path) -> Path:
+    """The newest complete checkpoint folder, its files checked against its state.json with hashlib and
+    its weights read with safetensors' own loader."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    (run,) = (tmp_path / "store" / "runs" / "pretrain").glob("*/checkpoints")
+    ckpt = max(d for d in run.iterdir() if d.name.startswith("step_"))
+    state = json.loads((ckpt / "state.json").read_text())
+    for name, digest in state["files"].items():
+        assert hashlib.sha256((ckpt / name).read_bytes()).hexdigest() == digest, ckpt / name
+    assert load_file(ckpt / "model.safetensors"), ckpt
+    return ckpt
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_two_rank_training_stops_every_rank_and_the_rerun_resumes(tmp_path):
+    """Ctrl-C to `gptcore run` while 2 torchrun ranks pre-train: 130 and `interrupted` (the cleanup,
+    not the deadline), no rank, torchrun or server left, the newest checkpoint intact, and the next
+    run resumes from it."""
+    p, before, _ = two_rank_run(tmp_path)
+    try:
+        interrupt(p, signal.SIGINT)
+        assert_clean_stop(tmp_path, p, before, 130, "interrupted")
+    finally:
+        kill_left(before)
+    assert runs(tmp_path)["pretrain"].info.status == "KILLED"
+    step = int(newest_checkpoint(tmp_path).name.split("_")[1])
+    sets = [*TWO_RANKS, f"train.max_steps={step + 5}"]
+    e = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+    e.pop("PREFECT_API_URL", None)
+    r = subprocess.run([*GPTCORE, "run", "c.yaml", "--until", "pretrain", *[a for s in sets for a in ("--set", s)]],
+                       cwd=tmp_path, env=e, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from step {step}" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_with_a_stuck_rank_leaves_no_rank_behind(tmp_path):
+    """A rank that cannot act on SIGTERM (SIGSTOPped, as one stuck in a collective or swapped out):
+    the shutdown deadline ends gptcore before launch's 10 s grace is over, and must not leave the
+    ranks (or torchrun) running without it."""
+    p, before, ranks = two_rank_run(tmp_path)
+    ranks[1].suspend()
+    try:
+        interrupt(p, signal.SIGTERM)
+        err = stderr_of(tmp_path)
+        assert p.returncode == 143 and "Traceback" not in err, err
+        assert "terminated (cleanup still unfinished after 7 s: left it)" in err.splitlines(), err
+        left = gone(before)
+        assert not left, f"outlived gptcore: {[(q.pid, q.status(), q.cmdline()[:4]) for q in left]}"
+    finally:
+        kill_left(before)
+    assert runs(tmp_path)["pretrain"].info.status == "KILLED"
+    newest_checkpoint(tmp_path)

@@ -32,13 +32,13 @@ print("ready", flush=True)
 while True:
     time.sleep(0.05)
 """
-LEADS_A_GROUP = """
-import signal, subprocess, sys, time
-signal.signal(signal.SIGTERM, lambda *a: print("leader got SIGTERM", flush=True))
-child = subprocess.Popen([sys.executable, "-c", sys.argv[1]])
+LEADS_A_TREE = """
+import signal, subprocess, sys
+if sys.argv[2] == "ignore":
+    signal.signal(signal.SIGTERM, lambda *a: print("leader got SIGTERM", flush=True))
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], start_new_session=True)  # as torchrun starts a rank
 print(child.pid, flush=True)
-while True:
-    time.sleep(0.05)
+child.wait()
 """
 
 
@@ -74,17 +74,52 @@ def test_a_finished_child_gets_no_signal():
     assert p.returncode == 0
 
 
-def test_group_mode_reaches_the_grandchildren():
-    """A leader in its own session (as launch starts torchrun) with a child; both ignore SIGTERM:
-    the whole group had SIGTERM, then gets SIGKILL after the grace."""
-    leader = child(LEADS_A_GROUP, IGNORES_SIGTERM, start_new_session=True)
+def tree(leader_ignores: str) -> tuple[subprocess.Popen, psutil.Process]:
+    """A leader (as launch starts torchrun) whose child, in a session of its own (as torchrun starts
+    each rank), ignores SIGTERM; (the leader, the child) once both are running."""
+    leader = child(LEADS_A_TREE, IGNORES_SIGTERM, leader_ignores, start_new_session=True)
     assert leader.stdout.readline().strip(), "the grandchild did not start"  # its pid and its "ready", either order
-    grandchild = psutil.Process(leader.pid).children()[0]
-    stop([leader], grace=GRACE, kill_wait=5, group=True)
+    return leader, psutil.Process(leader.pid).children()[0]
+
+
+def assert_dead(q: psutil.Process) -> None:
+    psutil.wait_procs([q], timeout=5)
+    assert not q.is_running() or q.status() == psutil.STATUS_ZOMBIE, "it outlived stop()"
+
+
+def test_tree_mode_reaches_a_child_in_its_own_session():
+    """Both ignore SIGTERM: each had it (a signal to the leader's group would miss the child), then
+    both get SIGKILL after the grace."""
+    leader, grandchild = tree("ignore")
+    stop([leader], grace=GRACE, kill_wait=5, tree=True)
     assert leader.returncode == -signal.SIGKILL
-    psutil.wait_procs([grandchild], timeout=5)
-    assert not grandchild.is_running() or grandchild.status() == psutil.STATUS_ZOMBIE
+    assert_dead(grandchild)
     assert sorted(leader.stdout.read().splitlines()) == ["got SIGTERM", "leader got SIGTERM"]
+
+
+def test_tree_mode_stops_a_child_whose_leader_died_first():
+    """The leader ends on SIGTERM at once; its stubborn child, re-parented, is still killed after the grace."""
+    leader, grandchild = tree("exit")
+    stop([leader], grace=GRACE, kill_wait=5, tree=True)
+    assert leader.returncode == -signal.SIGTERM
+    assert_dead(grandchild)
+    assert leader.stdout.read().splitlines() == ["got SIGTERM"]
+
+
+def test_a_forced_exit_kills_the_owned_trees():
+    """What the CLI's shutdown deadline calls before os._exit: every owned tree SIGKILLed, none waited on."""
+    from gptcore.processes import kill_owned_trees, owned_tree
+
+    leader, grandchild = tree("ignore")
+    with owned_tree(leader):
+        kill_owned_trees()
+        assert leader.wait(timeout=60) == -signal.SIGKILL
+        assert_dead(grandchild)
+    other, its_child = tree("ignore")  # no longer owned: left alone
+    kill_owned_trees()
+    assert other.poll() is None and its_child.is_running()
+    stop([other], grace=0, kill_wait=5, tree=True)
+    assert_dead(its_child)
 
 
 def _ignore_sigterm_then_sleep(flag: str) -> None:
