@@ -154,10 +154,11 @@ def stop_workers(runner: ProcessPoolTaskRunner, grace: float = 10.0) -> None:
 
     ProcessPoolTaskRunner's exit cancels queued cells but waits for the running ones, which would
     let a stopped sweep train on for minutes. Each worker's SIGTERM ends its cell like a SIGTERM
-    to `gptcore run` does (its stage runs are marked KILLED, its torchrun ranks stopped).
+    to `gptcore run` does (its stage runs are marked KILLED, its torchrun ranks stopped); the tree:
+    a cell's ranks, if its worker needs the SIGKILL before its own stop is done, are killed too.
     The worker list is concurrent.futures' own (`_processes`): Prefect exposes no public handle."""
     executor = getattr(runner, "_executor", None)
-    stop(list((getattr(executor, "_processes", None) or {}).values()), grace=grace, kill_wait=1)
+    stop(list((getattr(executor, "_processes", None) or {}).values()), grace=grace, kill_wait=1, tree=True)
 
 
 def _on_sigterm(signum, frame):

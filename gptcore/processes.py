@@ -1,7 +1,8 @@
 """Stopping the processes gptcore started: SIGTERM, a grace period, then SIGKILL for what is left.
 
-    stop(procs, grace=10, kill_wait=5)             each process alone (a sweep's worker processes)
-    stop([proc], grace=10, kill_wait=5, tree=True) `proc` and every process below it (torchrun and its ranks)
+    stop(procs, grace=10, kill_wait=5)             each process of `procs` alone
+    stop([proc], grace=10, kill_wait=5, tree=True) `proc` and every process below it (torchrun and its
+                                                   ranks; a sweep's workers and the ranks of their cells)
     with owned_tree(proc): ...                     a tree that kill_owned_trees() ends at a forced exit
 
 A process that ends on SIGTERM unwinds its `finally` blocks (its MLflow runs marked KILLED, its own
