@@ -29,6 +29,7 @@ from prefect.task_runners import ProcessPoolTaskRunner
 from gptcore.config import load_config, parse_override
 from gptcore.errors import ConfigError
 from gptcore.evaluation.stats import mean_std, welch_p
+from gptcore.processes import stop
 from tasks import tracking
 from tasks.caching import store_root
 
@@ -153,20 +154,11 @@ def stop_workers(runner: ProcessPoolTaskRunner, grace: float = 10.0) -> None:
 
     ProcessPoolTaskRunner's exit cancels queued cells but waits for the running ones, which would
     let a stopped sweep train on for minutes. Each worker's SIGTERM ends its cell like a SIGTERM
-    to `gptcore run` does (its stage runs are marked KILLED, its torchrun ranks stopped).
+    to `gptcore run` does (its stage runs are marked KILLED, its torchrun ranks stopped); the tree:
+    a cell's ranks, if its worker needs the SIGKILL before its own stop is done, are killed too.
     The worker list is concurrent.futures' own (`_processes`): Prefect exposes no public handle."""
-    import time
-
     executor = getattr(runner, "_executor", None)
-    procs = [p for p in (getattr(executor, "_processes", None) or {}).values() if p.is_alive()]
-    for p in procs:
-        p.terminate()
-    deadline = time.monotonic() + grace
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()
-            p.join(1)
+    stop(list((getattr(executor, "_processes", None) or {}).values()), grace=grace, kill_wait=1, tree=True)
 
 
 def _on_sigterm(signum, frame):

@@ -67,8 +67,9 @@ def _arm_shutdown_deadline() -> None:
     """For `gptcore run`: the first SIGINT/SIGTERM unwinds the main thread (runs marked KILLED, ranks and
     the temporary server stopped); a watcher thread, woken by the signal itself (signal.set_wakeup_fd,
     whichever Python handler Prefect has swapped in), ends the process SHUTDOWN_SECONDS later if the
-    cleanup is still waiting on something (a dead API, a stuck rank), marking KILLED the MLflow runs
-    still open. Later Ctrl-Cs are ignored meanwhile."""
+    cleanup is still waiting on something (a dead API, a stuck rank), killing torchrun and the ranks
+    still running and marking KILLED the MLflow runs still open. Later Ctrl-Cs are ignored
+    meanwhile."""
     import socket
     import threading
 
@@ -87,6 +88,8 @@ def _arm_shutdown_deadline() -> None:
             sig = r.recv(1)[0]
         time.sleep(SHUTDOWN_SECONDS)
         code = 130 if sig == signal.SIGINT else 143
+        if "gptcore.processes" in sys.modules:  # torchrun's ranks, still in launch's grace: never orphaned
+            sys.modules["gptcore.processes"].kill_owned_trees()
         if "flows.runner" in sys.modules:  # the runs the main thread did not get to end
             from flows.runner import end_open_runs
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import re
 from typing import Iterator
 
 
@@ -63,11 +64,14 @@ _ENVIRONMENT = (
      "the file system is read-only", f"point tracking.result_store / MLFLOW_TRACKING_URI at a writable folder {_KEPT}"),
 )
 
+# MLflow's words once its HTTP client has given up on the tracking server (refused, timed out, 5xx)
+_UNANSWERED = re.compile(r"API request to (https?://[^/\s]+)\S* failed with (?:timeout )?exception")
+
 
 def environment_error(exc: BaseException, where: str | None = None) -> SetupError | None:
     """The one-line `SetupError` for a failure of the environment anywhere in `exc`'s chain (an
-    OSError's errno, or the message of a library that wraps it: safetensors, torch, SQLite), naming
-    the file when the error does, else `where`. None for anything else."""
+    OSError's errno, or the message of a library that wraps it: safetensors, torch, SQLite, MLflow's
+    HTTP client), naming the file (the server) when the error does, else `where`. None for anything else."""
     stack, seen = [exc], set()
     while stack:
         e = stack.pop()
@@ -77,6 +81,9 @@ def environment_error(exc: BaseException, where: str | None = None) -> SetupErro
         if isinstance(e, SetupError):
             return e
         code, text = getattr(e, "errno", None) if isinstance(e, OSError) else None, str(e)
+        if m := _UNANSWERED.search(text):
+            return SetupError("the MLflow tracking server stopped answering", m.group(1),
+                              f"start it again (or unset MLFLOW_TRACKING_URI for a local sqlite store) {_KEPT}")
         for codes, words, what, fix in _ENVIRONMENT:
             if code in codes or any(w in text for w in words):
                 return SetupError(what, getattr(e, "filename", None) or where, fix)

@@ -15,5 +15,13 @@ OFFLINE_DEFAULTS = {
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # our summary says where to look, once
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # logging a model copies its folder: no bar per stage
 }
-for _k, _v in OFFLINE_DEFAULTS.items():
+# A tracking server that dies mid-run: MLflow's client retries each request 7 times with backoff
+# (about 4 minutes a request, and a stage makes several: measured, still retrying 15 min later).
+# Two retries and a 30 s timeout fail in seconds with the one-line error (gptcore/errors.py).
+# A value the user exported wins.
+TRACKING_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+for _k, _v in {**OFFLINE_DEFAULTS, **TRACKING_DEFAULTS}.items():
     os.environ.setdefault(_k, _v)

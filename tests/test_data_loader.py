@@ -149,7 +149,6 @@ def test_a_flipped_byte_or_an_out_of_range_id_is_one_clear_error(tmp_path):
 
     from gptcore.data.sharding import _VERIFIED
     from gptcore.errors import DataError
-    from gptcore.evaluation.evaluate import split_tokens
 
     from gptcore.tokenizer import BPETokenizer
 
@@ -165,6 +164,6 @@ def test_a_flipped_byte_or_an_out_of_range_id_is_one_clear_error(tmp_path):
     blob[-3] ^= 1  # one token changed; header and size intact
     val.write_bytes(bytes(blob))
     with pytest.raises(DataError, match=r"sha256 in its manifest.*val_"):
-        split_tokens(tmp_path, "val")
+        next(iter_eval_batches(tmp_path, 2, 16))  # the evaluations' path (val_metrics)
     with pytest.raises(DataError, match="sha256 in its manifest"):
         ShardLoader(tmp_path, "val", 2, 16)

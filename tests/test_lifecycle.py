@@ -25,7 +25,9 @@ import pytest
 FAKES = Path(__file__).resolve().parent / "pipeline_fakes.py"
 GPTCORE = [sys.executable, "-m", "gptcore.cli"]
 TINY_FAKE = ["--set", "data.max_bytes=3000", "--set", "train.max_steps=6", "--set", "finetune.max_steps=3"]
-DEADLINE = 10  # seconds from the signal to the exit: the guarantee
+HUNG = 60  # s after the signal: a liveness bound, not a speed (the shutdown deadline is 7 s; the
+# old code was still running 60-148 s later). How it ended is asserted from its output instead.
+LEFT_IT = "cleanup still unfinished"  # the shutdown deadline's line: the cleanup was cut short
 
 
 def start(tmp_path: Path, program: list[str], *args: str, env: dict | None = None) -> subprocess.Popen:
@@ -81,24 +83,23 @@ def runs(tmp_path: Path, experiment: str = "t") -> dict:
     return newest
 
 
-def interrupt(p: subprocess.Popen, sig: int) -> float:
-    """Send `sig` to the process group (Ctrl-C's way); seconds until the process exited."""
-    t0 = time.monotonic()
+def interrupt(p: subprocess.Popen, sig: int) -> None:
+    """Send `sig` to the process group (Ctrl-C's way) and wait for the exit; a hang fails the test."""
     os.killpg(p.pid, sig)
     try:
-        p.wait(timeout=60)
+        p.wait(timeout=HUNG)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
-        pytest.fail(f"still running 60 s after {signal.Signals(sig).name}")
-    return time.monotonic() - t0
+        pytest.fail(f"hung: still running {HUNG} s after {signal.Signals(sig).name}")
 
 
-def assert_clean_stop(tmp_path: Path, p: subprocess.Popen, before: list[psutil.Process], seconds: float,
-                      code: int, line: str) -> str:
+def assert_clean_stop(tmp_path: Path, p: subprocess.Popen, before: list[psutil.Process], code: int, line: str) -> str:
+    """Exit `code`, `line` alone on stderr (the main thread's own cleanup finished: the shutdown
+    deadline did not have to cut it short), no traceback, nothing it started still alive."""
     err = stderr_of(tmp_path)
     assert p.returncode == code, err
-    assert seconds <= DEADLINE, f"took {seconds:.1f} s after the signal"
     assert "Traceback" not in err, err
+    assert LEFT_IT not in err, err
     assert line in err.splitlines(), err
     assert not gone(before), "a child process (the Prefect server, a rank) outlived gptcore"
     assert session_members(p.pid) == [], "a process of gptcore's session is still alive"
@@ -137,8 +138,8 @@ def test_ctrl_c_to_the_process_group_stops_everything(tmp_path):
     server (its own session) is stopped by gptcore, after the runs are marked KILLED."""
     p, before = held_in_pretrain(tmp_path)
     assert any("uvicorn" in " ".join(q.cmdline()) for q in before), "expected the temporary Prefect server"
-    seconds = interrupt(p, signal.SIGINT)
-    assert_clean_stop(tmp_path, p, before, seconds, 130, "interrupted")
+    interrupt(p, signal.SIGINT)
+    assert_clean_stop(tmp_path, p, before, 130, "interrupted")
     r = runs(tmp_path)
     assert r["pipeline"].info.status == "KILLED" and r["pretrain"].info.status == "KILLED"
     assert r["shard"].info.status == "FINISHED"
@@ -230,17 +231,17 @@ def test_reconcile_closes_only_runs_whose_owner_is_provably_gone(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_with_a_dead_api_still_ends_within_the_deadline(tmp_path):
+def test_ctrl_c_with_a_dead_api_is_cut_short_by_the_deadline(tmp_path):
     """The Prefect server killed from outside first: Prefect's crash reports would retry against a
-    closed port for a minute; gptcore still exits 130 in time and closes its runs."""
+    closed port for a minute; the shutdown deadline leaves them, exits 130 and closes the runs."""
     p, before = held_in_pretrain(tmp_path)
     for q in before:
         q.kill()
     gone(before)
-    seconds = interrupt(p, signal.SIGINT)
+    interrupt(p, signal.SIGINT)
     err = stderr_of(tmp_path)
-    assert p.returncode == 130 and seconds <= DEADLINE and "Traceback" not in err, (seconds, err)
-    assert any(line.startswith("interrupted") for line in err.splitlines()), err
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted (cleanup still unfinished after 7 s: left it)" in err.splitlines(), err
     r = runs(tmp_path)
     assert r["pipeline"].info.status == "KILLED" and r["pretrain"].info.status == "KILLED"
 
@@ -261,8 +262,8 @@ def test_signal_during_real_training(tmp_path, sig, code, line):
     wait_for(p, lambda: any((tmp_path / "store" / "runs" / "pretrain").glob("*/checkpoints/step_*")), tmp_path)
     time.sleep(1)
     before = descendants(p.pid)
-    seconds = interrupt(p, sig)
-    assert_clean_stop(tmp_path, p, before, seconds, code, line)
+    interrupt(p, sig)
+    assert_clean_stop(tmp_path, p, before, code, line)
     r = runs(tmp_path)
     assert r["pipeline"].info.status == "KILLED" and r["pretrain"].info.status == "KILLED"
     from mlflow.tracking import MlflowClient
@@ -272,3 +273,86 @@ def test_signal_during_real_training(tmp_path, sig, code, line):
     logged = [m.step for m in MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(
         r["pretrain"].info.run_id, "loss")]
     assert len(written) >= 4 and sorted(logged) == written, (written, logged)
+
+
+TWO_RANKS = [*REAL_TINY, "train.nproc_per_node=2", "train.batch_size=2"]  # 2 gloo ranks under torchrun
+
+
+def two_rank_run(tmp_path: Path) -> tuple[subprocess.Popen, list[psutil.Process], list[psutil.Process]]:
+    """`gptcore run` pre-training on 2 ranks, past its first checkpoint: (gptcore, what it started, the ranks).
+    torchrun has its own session, so a terminal's Ctrl-C reaches only gptcore, which stops the ranks."""
+    (tmp_path / "c.yaml").write_text("run: {name: t}\ntracking: {result_store: store}\n")
+    p = start(tmp_path, GPTCORE, "c.yaml", "--until", "pretrain", *[a for s in TWO_RANKS for a in ("--set", s)])
+    wait_for(p, lambda: any((tmp_path / "store" / "runs" / "pretrain").glob("*/checkpoints/step_*")), tmp_path)
+    time.sleep(1)
+    before = descendants(p.pid)
+    ranks = [q for q in before if "RANK" in q.environ()]
+    assert len(ranks) == 2, [q.cmdline()[:4] for q in before]
+    return p, before, ranks
+
+
+def kill_left(procs: list[psutil.Process]) -> None:
+    """After a failed test: SIGKILL what it started, so no rank trains on."""
+    for q in procs:
+        try:
+            q.kill()
+        except psutil.Error:
+            pass
+
+
+def newest_checkpoint(tmp_path: Path) -> Path:
+    """The newest complete checkpoint folder, its files checked against its state.json with hashlib and
+    its weights read with safetensors' own loader."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    (run,) = (tmp_path / "store" / "runs" / "pretrain").glob("*/checkpoints")
+    ckpt = max(d for d in run.iterdir() if d.name.startswith("step_"))
+    state = json.loads((ckpt / "state.json").read_text())
+    for name, digest in state["files"].items():
+        assert hashlib.sha256((ckpt / name).read_bytes()).hexdigest() == digest, ckpt / name
+    assert load_file(ckpt / "model.safetensors"), ckpt
+    return ckpt
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_two_rank_training_stops_every_rank_and_the_rerun_resumes(tmp_path):
+    """Ctrl-C to `gptcore run` while 2 torchrun ranks pre-train: 130 and `interrupted` (the cleanup,
+    not the deadline), no rank, torchrun or server left, the newest checkpoint intact, and the next
+    run resumes from it."""
+    p, before, _ = two_rank_run(tmp_path)
+    try:
+        interrupt(p, signal.SIGINT)
+        assert_clean_stop(tmp_path, p, before, 130, "interrupted")
+    finally:
+        kill_left(before)
+    assert runs(tmp_path)["pretrain"].info.status == "KILLED"
+    step = int(newest_checkpoint(tmp_path).name.split("_")[1])
+    sets = [*TWO_RANKS, f"train.max_steps={step + 5}"]
+    e = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+    e.pop("PREFECT_API_URL", None)
+    r = subprocess.run([*GPTCORE, "run", "c.yaml", "--until", "pretrain", *[a for s in sets for a in ("--set", s)]],
+                       cwd=tmp_path, env=e, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from step {step}" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_with_a_stuck_rank_leaves_no_rank_behind(tmp_path):
+    """A rank that cannot act on SIGTERM (SIGSTOPped, as one stuck in a collective or swapped out):
+    the shutdown deadline ends gptcore before launch's 10 s grace is over, and must not leave the
+    ranks (or torchrun) running without it."""
+    p, before, ranks = two_rank_run(tmp_path)
+    ranks[1].suspend()
+    try:
+        interrupt(p, signal.SIGTERM)
+        err = stderr_of(tmp_path)
+        assert p.returncode == 143 and "Traceback" not in err, err
+        assert "terminated (cleanup still unfinished after 7 s: left it)" in err.splitlines(), err
+        left = gone(before)
+        assert not left, f"outlived gptcore: {[(q.pid, q.status(), q.cmdline()[:4]) for q in left]}"
+    finally:
+        kill_left(before)
+    assert runs(tmp_path)["pretrain"].info.status == "KILLED"
+    newest_checkpoint(tmp_path)

@@ -236,6 +236,83 @@ def test_environment_errors_are_found_however_a_library_wraps_them(tmp_path):
     assert environment_error(ValueError("a bug")) is None
 
 
+def test_a_tracking_server_that_gave_up_is_one_setup_error(monkeypatch):
+    """What MLflow's own client raises once its retries against a dead server are spent (a closed
+    port, retries off so it is quick) is the one-line SetupError naming the server."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    from servers import free_port
+
+    from gptcore.errors import SetupError, environment_error
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    base = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(MlflowException) as caught:
+        MlflowClient(base).get_experiment("0")
+    e = environment_error(caught.value)
+    assert isinstance(e, SetupError) and e.message().startswith(f"the MLflow tracking server stopped answering ({base}): ")
+    try:
+        try:
+            raise caught.value
+        except MlflowException as inner:
+            raise RuntimeError("a metric batch could not be logged") from inner
+    except RuntimeError as outer:
+        assert environment_error(outer, where="store").where == base  # found in the chain, the server named
+
+
+def test_tasks_shortens_mlflows_http_retries_unless_the_user_set_them():
+    """MLflow's own settings objects read what importing tasks set: 2 retries and a 30 s timeout,
+    while a value the user exported wins."""
+    code = ("import tasks; from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES as r, "
+            "MLFLOW_HTTP_REQUEST_TIMEOUT as t; print(r.get(), t.get())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST_")}
+    out = lambda **kw: subprocess.run([sys.executable, "-c", code], env={**env, **kw}, capture_output=True,  # noqa: E731
+                                      text=True, check=True, cwd=REPO).stdout.split()
+    assert out() == ["2", "30"]
+    assert out(MLFLOW_HTTP_REQUEST_MAX_RETRIES="7") == ["7", "30"]
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_dies_mid_run_fails_in_one_line(tmp_path):
+    """`mlflow server` SIGKILLed after pre-training's first checkpoint. MLflow's default client would
+    retry each request for about 4 minutes (measured: still running 15 min later); with the retries
+    gptcore sets it fails with the one line naming the server, exit 2, no traceback, no Prefect retry."""
+    from servers import free_port, wait_until_up
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                               "--default-artifact-root", str(tmp_path / "artifacts")],
+                              cwd=tmp_path, env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    p = None
+    try:
+        wait_until_up(base + "/health", server)
+        env = {k: v for k, v in _env(tmp_path, base).items() if not k.startswith("MLFLOW_HTTP_REQUEST_")}
+        p = subprocess.Popen(_args(tmp_path, "train.max_steps=5000", "tracking.log_every=1", until="pretrain"),
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+        deadline = time.time() + 300
+        while not list((tmp_path / "store").glob("runs/pretrain/*/checkpoints/step_*")):
+            assert p.poll() is None and time.time() < deadline, p.communicate()
+            time.sleep(0.1)
+        os.killpg(server.pid, signal.SIGKILL)
+        try:  # a liveness bound, not a speed: MLflow's own retries take minutes per request
+            out, err = p.communicate(timeout=150)
+        except subprocess.TimeoutExpired:
+            pytest.fail("hung: still retrying against the dead tracking server 150 s later")
+    finally:
+        for proc in (server, p):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert errors == [err.strip().splitlines()[-1]], err[-3000:]  # one, and the last word
+    assert errors[0].startswith(f"error: the MLflow tracking server stopped answering ({base}): "), errors
+    assert "resumed from step" not in out + err  # not retried by Prefect
+
+
 # --------------------------------------------------------------------------------------------
 # the promotion gate compares like with like
 

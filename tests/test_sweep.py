@@ -121,8 +121,9 @@ def test_sweep_parallel_real(tmp_path, run_cli):
 
 @pytest.mark.slow
 def test_sigterm_stops_a_parallel_sweep_and_its_workers(tmp_path):
-    """SIGTERM to `gptcore sweep` while two cells train in worker processes: it exits 143 promptly,
-    no worker (or anything else it started) outlives it, and the sweep and cell runs are KILLED."""
+    """SIGTERM to `gptcore sweep` while two cells train in worker processes: it exits 143,
+    no worker (or anything else it started) outlives it, and the sweep and cell runs are KILLED: each
+    worker's own SIGTERM path ended its cell (a SIGKILLed worker would leave its pretrain run RUNNING)."""
     import os
     import signal
     import subprocess
@@ -149,17 +150,18 @@ def test_sigterm_stops_a_parallel_sweep_and_its_workers(tmp_path):
             time.sleep(0.5)
         time.sleep(2)
         before = psutil.Process(p.pid).children(recursive=True)
-        t0 = time.monotonic()
         os.kill(p.pid, signal.SIGTERM)  # the parent alone, as `kill PID` or a scheduler does
-        p.wait(timeout=60)
-        seconds = time.monotonic() - t0
+        try:  # a liveness bound, not a speed: unstopped, the runner's exit waits for 100000 steps
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("hung: the sweep was still running 60 s after SIGTERM")
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
     text = err.read_text()
     assert p.returncode == 143, text[-3000:]
-    assert seconds <= 20, f"{seconds:.1f} s"
     assert "Traceback" not in text, text[-3000:]
+    assert text.splitlines()[-1] == "terminated", text[-3000:]
     _, alive = psutil.wait_procs(before, timeout=5)
     assert not [q for q in alive if q.is_running() and q.status() != psutil.STATUS_ZOMBIE], "a worker outlived the sweep"
     c = MlflowClient(f"sqlite:///{tmp_path}/m.db")

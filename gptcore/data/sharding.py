@@ -582,13 +582,15 @@ class ShardLoader:
 
 
 def iter_eval_batches(data_dir, batch_size: int, block_size: int, split: str = "val", max_batches: int | None = None,
-                      tokenizer=None, rank: int = 0, world_size: int = 1) -> Iterator[tuple]:
-    """A fixed validation pass: windows 0, 1, 2, ... of `split` (this rank's share), in batches.
+                      tokenizer=None, rank: int = 0, world_size: int = 1, vocab_size: int | None = None) -> Iterator[tuple]:
+    """A fixed validation pass: windows 0, 1, 2, ... of `split` (this rank's share), in batches of (x, y).
 
     Covers the split once (the last batch may be smaller), or stops after `max_batches`. The same
-    arguments always give the same batches.
+    arguments always give the same batches. It is what `gptcore.evaluation.evaluate.val_metrics`
+    (pre-training's evaluations and `gptcore evaluate`) reads; `vocab_size` checks every id is below it.
     """
-    loader = ShardLoader(data_dir, split, batch_size, block_size, rank, world_size, tokenizer=tokenizer, sequential=True)
+    loader = ShardLoader(data_dir, split, batch_size, block_size, rank, world_size, tokenizer=tokenizer, sequential=True,
+                         vocab_size=vocab_size)
     order = loader.order(0)
     for b, lo in enumerate(range(0, len(order), batch_size)):
         if max_batches is not None and b >= max_batches:

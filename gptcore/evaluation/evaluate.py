@@ -67,21 +67,6 @@ def split_stats(data_dir: str | Path, split: str = "val") -> tuple[int, int]:
     return int(info["tokens"]), int(info["bytes"])
 
 
-def split_tokens(data_dir: str | Path, split: str = "val", vocab_size: int | None = None) -> np.ndarray:
-    """All tokens of a split, shards concatenated in manifest order (each shard verified on read:
-    header, size, the manifest's sha256, ids below `vocab_size`)."""
-    from gptcore.data.sharding import open_shard
-
-    info = _split_info(read_manifest(data_dir), split)
-    parts = []
-    for shard in info.get("shards", []):
-        entry = shard if isinstance(shard, dict) else {"file": shard}
-        parts.append(np.asarray(open_shard(data_dir, entry, vocab_size)))
-    if not parts:
-        raise DataError(f"the '{split}' split has no shards", str(Path(data_dir) / "manifest.json"), "run `gptcore prepare` again")
-    return np.concatenate(parts)
-
-
 def _shards(data_dir: str | Path, split: str) -> Iterable[np.ndarray]:
     from gptcore.data.sharding import open_shard
 
@@ -122,36 +107,31 @@ def val_metrics(
     batches: int = 20,
     amp_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-    tokens: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Loss/perplexity/bpb on consecutive non-overlapping windows from the start of the val split.
 
-    Always the same windows (the first `batches × batch_size`), so numbers compare across steps.
+    Always the same windows (the first `batches × batch_size`: `iter_eval_batches`, read from the
+    memmapped shards, not a copy of the split), so numbers compare across steps.
     """
+    from gptcore.data.sharding import iter_eval_batches
+
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    T = block_size or model.config.block_size
-    toks = split_tokens(data_dir, "val", vocab_size=model.config.vocab_size) if tokens is None else tokens
-    T = min(T, len(toks) - 1)  # a tiny val split still gives one window
-    n_windows = min((len(toks) - 1) // T, batches * batch_size)
-    starts = np.arange(n_windows) * T
+    tok, nbytes = split_stats(data_dir, "val")
+    T = min(block_size or model.config.block_size, tok - 1)  # a tiny val split still gives one window
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        for i in range(0, n_windows, batch_size):
-            idx = starts[i : i + batch_size]
-            chunk = np.stack([toks[s : s + T + 1] for s in idx]).astype(np.int64)  # (b, T+1)
-            xy = torch.from_numpy(chunk).to(device)
+        for x, y in iter_eval_batches(data_dir, batch_size, T, max_batches=batches, vocab_size=model.config.vocab_size):
+            x, y = x.to(device), y.to(device)  # (b, T) each
             amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
             with amp:
-                _, loss = model(xy[:, :-1].contiguous(), xy[:, 1:].contiguous())
-            n = xy[:, 1:].numel()
-            total += float(loss) * n
-            count += n
+                _, loss = model(x, y)
+            total += float(loss) * y.numel()
+            count += y.numel()
     finally:
         model.train(was_training)
     loss = total / count
-    tok, nbytes = split_stats(data_dir, "val")
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700)), "val_bpb": loss / LN2 * tok / nbytes, "val_tokens": count}
 
 

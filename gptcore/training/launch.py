@@ -1,4 +1,4 @@
-"""Many processes through PyTorch's own launcher: `torch.distributed.run` (torchrun) as a child process group.
+"""Many processes through PyTorch's own launcher: `torch.distributed.run` (torchrun) as a child process (its own session).
 
     nproc_per_node × nnodes > 1  ->  python -m torch.distributed.run --nproc_per_node N
                                         (--standalone | --nnodes M --node_rank r --master_addr H --master_port P)
@@ -11,7 +11,8 @@ This module only starts torchrun, follows it and turns its ending into one clear
 
 - the run's rows: `metrics.jsonl` is followed while it grows, so callbacks (MLflow, a progress
   bar) see each row as rank 0 writes it, not at the end;
-- Ctrl-C or SIGTERM here: the whole child process group is terminated (then killed), no orphans;
+- Ctrl-C or SIGTERM here: torchrun and every rank below it are terminated (then killed), no orphans
+  (gptcore/processes.py; the CLI's shutdown deadline kills them if it cannot wait);
 - a rank that fails: its own error (a GptcoreError's line, or the last line of its traceback, or
   the signal that killed it) becomes one GptcoreError naming the rank; torchrun's log is kept in
   `<out>/.launch/` for the details.
@@ -33,6 +34,7 @@ from typing import Callable, Sequence
 from gptcore.cpus import torch_threads
 from gptcore.errors import ConfigError, GptcoreError
 from gptcore.fileio import atomic_write_json, atomic_write_text
+from gptcore.processes import owned_tree, stop
 
 Callback = Callable[[str, dict], None]
 
@@ -124,21 +126,6 @@ class MetricsFollower(threading.Thread):
                 cb(event, row)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Terminate the child's whole process group; kill what is left after 10 s."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def _rank_failure(launch_dir: Path, log: str) -> str:
     """What went wrong: torchrun's root cause (the first rank to fail), told in that rank's own words
     when it left them (error-rank{R}.json), else the signal or exit code that ended it."""
@@ -191,11 +178,13 @@ def launch(engine: str, config, args: Sequence[str], out_dir: str | Path, nproc:
     with open(log_file, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            while proc.poll() is None:
-                time.sleep(0.2)
-        except BaseException:  # Ctrl-C, SIGTERM (SystemExit), anything: no rank outlives us
-            _stop(proc)
-            raise
+            with owned_tree(proc):  # the CLI's shutdown deadline kills the tree if it must exit first
+                try:
+                    while proc.poll() is None:
+                        time.sleep(0.2)
+                except BaseException:  # Ctrl-C, SIGTERM (SystemExit), anything: no rank outlives us
+                    stop([proc], grace=10, kill_wait=5, tree=True)  # torchrun and its ranks (their own sessions)
+                    raise
         finally:
             follower.done.set()
             follower.join(timeout=10)
