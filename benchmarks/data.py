@@ -27,6 +27,7 @@ Prints a markdown table.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import resource
@@ -125,19 +126,65 @@ print(m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"])
 """
 
 
-def timed_process(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS MB of the largest of the process and the workers it waited for, stdout)."""
+def timed_process(cmd: list[str], cwd: Path) -> tuple[float, float, str, dict]:
+    """(wall seconds, peak RSS MB, stdout, the launcher's record) of `cmd`, started by benchmarks/_launch.py
+    (a fresh small process: a child forked from this one would report this one's memory as its own)."""
     env = cli_env(PYTHONPATH=str(ROOT), GPTCORE_PROGRESS="0")
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t = time.perf_counter()
-        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(p.pid, 0)  # this child's own rusage, not every child's so far
-        wall = time.perf_counter() - t
-        p.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile(suffix=".json") as rec:
+        code = subprocess.call([sys.executable, str(ROOT / "benchmarks/_launch.py"), rec.name, *cmd],
+                               cwd=cwd, env=env, stdout=out, stderr=err)
         out.seek(0), err.seek(0)
-        if p.returncode:
+        if code:
             sys.exit(f"{' '.join(cmd)} failed:\n{err.read()[-2000:]}")
-        return wall, usage.ru_maxrss / 1024, out.read()
+        r = json.loads(Path(rec.name).read_text())
+        return r["wall_s"], r["peak_rss_mb"], out.read(), r
+
+
+PHASE_ORDER = ("interpreter start", "imports", "CLI and config", "documents", "vocabulary", "encoding", "workers",
+               "outputs", "encode loop", "exit")
+
+
+def phases_of(cmd: list[str], cwd: Path, marks: Path) -> tuple[float, list[tuple[str, float]]]:
+    """Run `cmd` under benchmarks/_prepare_phases.py; (wall, [(phase, seconds)]) from its marks."""
+    marks.unlink(missing_ok=True)
+    wall, _, _, rec = timed_process([sys.executable, str(ROOT / "benchmarks/_prepare_phases.py"), str(marks), *cmd], cwd)
+    rows, prev = [], rec["start_unix"]
+    for line in marks.read_text().splitlines():
+        t, label = line.split(" ", 1)
+        rows.append((label, float(t) - prev))
+        prev = float(t)
+    rows.append(("exit: interpreter teardown", rec["end_unix"] - prev))
+    return wall, rows
+
+
+def print_phases(args, tmp: Path, cfg: Path) -> None:
+    """Both processes phase by phase (best-of-rounds run of each, alternating), by category, side by side."""
+    mb, procs = args.mb, args.procs
+    cmds = {"ours": lambda out: ["ours", str(cfg), str(out)],
+            "peer": lambda out: ["peer", str(out), str(int(mb * 1e6)), str(procs)]}
+    best = {}
+    for r in range(args.rounds):
+        for name, cmd in cmds.items():
+            wall, rows = phases_of(cmd(tmp / f"phases_{name}_{r}"), tmp, tmp / "marks.txt")
+            if name not in best or wall < best[name][0]:
+                best[name] = (wall, rows)
+            shutil.rmtree(tmp / f"phases_{name}_{r}", ignore_errors=True)
+    by = {name: {} for name in best}
+    for name, (_, rows) in best.items():
+        for label, sec in rows:
+            cat = label.split(":", 1)[0]
+            by[name][cat] = by[name].get(cat, 0.0) + sec
+    (wo, ro), (wp, rp) = best["ours"], best["peer"]
+    print(f"\n### where the seconds go: each process phase by phase, best of {args.rounds} "
+          f"(load average {os.getloadavg()[0]:.1f})\n")
+    print("| phase | `gptcore prepare` | llm.c recipe | ours − recipe |\n|---|---:|---:|---:|")
+    for cat in PHASE_ORDER:
+        o, p = by["ours"].get(cat, 0.0), by["peer"].get(cat, 0.0)
+        print(f"| {cat} | {o:.3f} s | {p:.3f} s | {o - p:+.3f} s |")
+    print(f"| **whole process** | **{wo:.3f} s** | **{wp:.3f} s** | {wo - wp:+.3f} s ({wp / wo:.2f}× the throughput) |")
+    for name, rows in (("`gptcore prepare`", ro), ("llm.c recipe", rp)):
+        print(f"\n{name}, in order: " + "; ".join(f"{label} {sec:.3f} s" for label, sec in rows))
 
 
 def whole_process(args, tmp: Path) -> None:
@@ -151,7 +198,7 @@ def whole_process(args, tmp: Path) -> None:
     for r in range(args.rounds):
         for name, cmd in cmds.items():
             out = tmp / f"whole_{name}_{r}"
-            wall, rss, _ = timed_process(cmd(out), tmp)
+            wall, rss, _, _ = timed_process(cmd(out), tmp)
             best[name] = min(best[name], (wall, rss))
     # same ids: our shards (train + val, in document order per split) hold exactly tiktoken's tokens
     ours = np.concatenate([np.fromfile(p, dtype="<u2", offset=1024) for p in sorted((tmp / "whole_ours_0").glob("*.bin"))])
@@ -166,11 +213,13 @@ def whole_process(args, tmp: Path) -> None:
     print(f"\nours ÷ llm.c recipe, whole process: **{tp / to:.2f}× the throughput**; "
           f"same multiset of {len(ours):,} token ids: {same}")
     summary("data", f"`gptcore prepare` vs llm.c fineweb.py, whole process, {mb:g} MB, {procs} workers", f"{tp / to:.2f}x throughput")
+    if args.phases:
+        print_phases(args, tmp, cfg)
     # streaming: the same pipeline at --big-mb, memory should not grow with the corpus
     rows = []
     for size in (mb, args.big_mb):
         out = tmp / f"big_{size:g}"
-        wall, rss, n = timed_process([sys.executable, "-c", _BIG, str(out), str(int(size * 1e6)), str(procs)], tmp)
+        wall, rss, n, _ = timed_process([sys.executable, "-c", _BIG, str(out), str(int(size * 1e6)), str(procs)], tmp)
         rows.append((size, wall, rss, int(n.strip())))
         shutil.rmtree(out, ignore_errors=True)
     print("\n| prepare_shards streaming (builtin corpus repeated) | wall | MB/s | tokens | peak RSS |\n|---|---:|---:|---:|---:|")
@@ -182,7 +231,7 @@ def whole_process(args, tmp: Path) -> None:
 
 
 def main() -> None:
-    args = cli_args(__doc__, mb=8.0, procs=2, rounds=2, shard_tokens=1_000_000, big_mb=200.0, whole_only=0)
+    args = cli_args(__doc__, mb=8.0, procs=2, rounds=2, shard_tokens=1_000_000, big_mb=200.0, whole_only=0, phases=1)
     if args.whole_only:
         tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
         whole_process(args, tmp)

@@ -403,10 +403,12 @@ def prepare_cmd(
     from gptcore.data.sharding import prepare
 
     cfg = _load_config(config, set_)
+    atexit.register(_skip_teardown)
     m = prepare(cfg, out)
     for split, s in m["splits"].items():
         print(f"{split}: {s['documents']} documents, {s['bytes']:,} bytes, {s['tokens']:,} tokens, {len(s['shards'])} shard(s)")
     print(f"tokenizer {m['tokenizer_sha256'][:12]} (vocab {m['vocab_size']}) -> {out}")
+    _SKIP_TEARDOWN["on"] = True  # every output is renamed into place and fsynced: ~0.1 s of teardown saved
 
 # === section: pretrain, plan, evaluate (issue 6) =============================================
 
@@ -537,9 +539,10 @@ _SKIP_TEARDOWN = {"on": False}
 
 
 def _skip_teardown() -> None:
-    """After a successful `gptcore run`, once every atexit handler has run (Prefect's log and event
-    flushes, the temporary server's stop), leave without the interpreter's teardown of the thousands
-    of modules Prefect and MLflow loaded: ~3 s of a cached rerun on a busy 2-core machine."""
+    """After a successful `gptcore run` (or `prepare`), once every atexit handler has run (Prefect's log
+    and event flushes, the temporary server's stop), leave without the interpreter's teardown of the
+    thousands of modules Prefect and MLflow loaded: ~3 s of a cached rerun on a busy 2-core machine;
+    for `prepare`, its closing garbage collection over the vocabulary's objects, ~0.1 s of 1.2."""
     if _SKIP_TEARDOWN["on"]:
         import logging
 

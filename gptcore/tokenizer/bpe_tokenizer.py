@@ -280,7 +280,9 @@ class BPETokenizer(SpecialTokensMixin):
     def save(self, directory: str | Path) -> Path:
         """Write `directory/tokenizer.json` atomically; returns its path."""
         content = self._content()
-        content["sha256"] = self.sha256
+        if self._sha is None:  # hash the content built here, not a second copy of it
+            self._sha = _content_sha(content)
+        content["sha256"] = self._sha
         path = Path(directory) / "tokenizer.json"
         atomic_write_bytes(path, _dump(content))
         return path
