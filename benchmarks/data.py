@@ -1,6 +1,6 @@
 """Sharding throughput and batch loading: ours vs llm.c's recipe, side by side, same corpus.
 
-    .venv/bin/python benchmarks/data.py [--mb 8] [--procs 2] [--rounds 2]
+    .venv/bin/python benchmarks/data.py [--mb 8] [--procs 2] [--rounds 2] [--whole-rounds 3] [--big-mb 200]
 
 Corpus: the builtin python-stdlib source capped at --mb MB, held in memory so only tokenizing and
 writing are timed. Tokenizer: our BPETokenizer with OpenAI's GPT-2 vocabulary (`gpt2_tokenizer()`),
@@ -18,8 +18,14 @@ a fresh copy per run so no run starts with a warm chunk cache.
   * whole process, as a user runs it: `gptcore prepare` (OpenAI's GPT-2 vocabulary, --procs workers:
     tiktoken threads on the fast path) vs llm.c's fineweb.py recipe as its own process
     (benchmarks/_llmc_fineweb.py: tiktoken, Pool(--procs), uint16 .bin), same documents, same ids;
-    wall time and peak RSS, then `gptcore prepare`'s streaming at --big-mb MB (the builtin corpus
-    repeated end to end) for flat memory. --whole-only skips the in-process tables above.
+    wall time and peak RSS, best of --whole-rounds (3). Each process is started by
+    benchmarks/_launch.py, so its peak RSS is its own, not this script's (see there).
+  * where the seconds go (--phases 1): both processes again under benchmarks/_prepare_phases.py,
+    which marks when each phase ends (imports, config, vocabulary, tiktoken Encoding, workers,
+    encode loop, outputs, exit), summed by phase, side by side.
+  * streaming: `prepare_shards` at --mb and at --big-mb MB (200; the builtin corpus repeated end to
+    end), wall time and peak RSS: memory is bounded by one shard, not by the corpus.
+    --whole-only skips the in-process tables above.
 
 Runs alternate ours/peer in rounds and report the best, so load from other processes hits both.
 Prints a markdown table.
@@ -128,8 +134,14 @@ print(m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"])
 
 def timed_process(cmd: list[str], cwd: Path) -> tuple[float, float, str, dict]:
     """(wall seconds, peak RSS MB, stdout, the launcher's record) of `cmd`, started by benchmarks/_launch.py
-    (a fresh small process: a child forked from this one would report this one's memory as its own)."""
-    env = cli_env(PYTHONPATH=str(ROOT), GPTCORE_PROGRESS="0")
+    (a fresh small process: a child forked from this one would report this one's memory as its own).
+
+    Bytecode is cached, as on a user's machine after the first run, in `cwd`/pycache: this machine's
+    environment sets PYTHONDONTWRITEBYTECODE=1, under which `gptcore prepare` would compile its ~40
+    modules from source on every run (50-90 ms) while the recipe is one script and two small modules.
+    """
+    env = cli_env(PYTHONPATH=str(ROOT), GPTCORE_PROGRESS="0", PYTHONPYCACHEPREFIX=str(cwd / "pycache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
             tempfile.NamedTemporaryFile(suffix=".json") as rec:
         code = subprocess.call([sys.executable, str(ROOT / "benchmarks/_launch.py"), rec.name, *cmd],
@@ -164,7 +176,7 @@ def print_phases(args, tmp: Path, cfg: Path) -> None:
     cmds = {"ours": lambda out: ["ours", str(cfg), str(out)],
             "peer": lambda out: ["peer", str(out), str(int(mb * 1e6)), str(procs)]}
     best = {}
-    for r in range(args.rounds):
+    for r in range(args.whole_rounds):
         for name, cmd in cmds.items():
             wall, rows = phases_of(cmd(tmp / f"phases_{name}_{r}"), tmp, tmp / "marks.txt")
             if name not in best or wall < best[name][0]:
@@ -176,7 +188,7 @@ def print_phases(args, tmp: Path, cfg: Path) -> None:
             cat = label.split(":", 1)[0]
             by[name][cat] = by[name].get(cat, 0.0) + sec
     (wo, ro), (wp, rp) = best["ours"], best["peer"]
-    print(f"\n### where the seconds go: each process phase by phase, best of {args.rounds} "
+    print(f"\n### where the seconds go: each process phase by phase, best of {args.whole_rounds} "
           f"(load average {os.getloadavg()[0]:.1f})\n")
     print("| phase | `gptcore prepare` | llm.c recipe | ours − recipe |\n|---|---:|---:|---:|")
     for cat in PHASE_ORDER:
@@ -195,7 +207,10 @@ def whole_process(args, tmp: Path) -> None:
     best = {"ours": (float("inf"), 0.0), "peer": (float("inf"), 0.0)}
     cmds = {"ours": lambda out: [sys.executable, "-m", "gptcore.cli", "prepare", str(cfg), "--out", str(out)],
             "peer": lambda out: [sys.executable, str(ROOT / "benchmarks/_llmc_fineweb.py"), str(out), str(int(mb * 1e6)), str(procs)]}
-    for r in range(args.rounds):
+    for name, cmd in cmds.items():  # warm-up, untimed: bytecode compiled and cached, files in the page cache
+        timed_process(cmd(tmp / f"warmup_{name}"), tmp)
+        shutil.rmtree(tmp / f"warmup_{name}", ignore_errors=True)
+    for r in range(args.whole_rounds):
         for name, cmd in cmds.items():
             out = tmp / f"whole_{name}_{r}"
             wall, rss, _, _ = timed_process(cmd(out), tmp)
@@ -205,7 +220,7 @@ def whole_process(args, tmp: Path) -> None:
     peer = np.concatenate([np.fromfile(p, dtype="<u2", offset=1024) for p in sorted((tmp / "whole_peer_0").glob("*.bin"))])
     same = len(ours) == len(peer) and np.array_equal(np.sort(ours), np.sort(peer))
     (to, ro), (tp, rp) = best["ours"], best["peer"]
-    print(f"\n### whole process, {mb:g} MB of python-stdlib, GPT-2 vocabulary, {procs} workers, best of {args.rounds} "
+    print(f"\n### whole process, {mb:g} MB of python-stdlib, GPT-2 vocabulary, {procs} workers, best of {args.whole_rounds} "
           f"(load average {os.getloadavg()[0]:.1f})\n")
     print("| process | wall | MB/s | peak RSS |\n|---|---:|---:|---:|")
     print(f"| `gptcore prepare` (tiktoken fast path, {procs} threads) | {to:.2f} s | {mb / to:.2f} | {ro:.0f} MB |")
@@ -231,7 +246,8 @@ def whole_process(args, tmp: Path) -> None:
 
 
 def main() -> None:
-    args = cli_args(__doc__, mb=8.0, procs=2, rounds=2, shard_tokens=1_000_000, big_mb=200.0, whole_only=0, phases=1)
+    args = cli_args(__doc__, mb=8.0, procs=2, rounds=2, shard_tokens=1_000_000, big_mb=200.0, whole_only=0, phases=1,
+                    whole_rounds=3)
     if args.whole_only:
         tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
         whole_process(args, tmp)

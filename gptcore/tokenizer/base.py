@@ -8,10 +8,9 @@ hash of the canonical JSON of everything else. Reading verifies all three and na
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Sequence
-
-import regex
 
 from gptcore.errors import CheckpointError
 from gptcore.fileio import sha256_bytes
@@ -55,10 +54,10 @@ class SpecialTokensMixin:
         present = [s for s in allowed if s in text]
         if not present:
             return [text]
-        alt = "|".join(regex.escape(s) for s in sorted(present, key=len, reverse=True))
+        alt = "|".join(re.escape(s) for s in sorted(present, key=len, reverse=True))
         out: list[str | int] = []
         pos = 0
-        for m in regex.finditer(alt, text):
+        for m in re.finditer(alt, text):  # literal alternatives: the stdlib re, as tiktoken
             if m.start() > pos:
                 out.append(text[pos:m.start()])
             out.append(specials[m.group()])
