@@ -200,6 +200,23 @@ def test_save_load_roundtrip_and_sha(tmp_path, gpt2_pair):
     assert list(tmp_path.joinpath("tok").iterdir()) == [path]  # no temp leftovers
 
 
+def test_tokenizer_json_is_the_stdlib_json_of_its_content(tmp_path, gpt2_pair):
+    # the file and its sha256 are written with the merges encoded once; both must be exactly what
+    # json.dumps gives: the file in key order, the hash over the sorted canonical text without "sha256"
+    import hashlib
+    import json
+
+    small = BPETokenizer.from_merges([(104, 105), (256, 33)], "gpt2", {"<|é|>": 258, "<|zz|>": 259})  # unsorted
+    for name, tok in (("gpt2", gpt2_pair[0]), ("small", small)):
+        data = tok.save(tmp_path / name).read_bytes()
+        content = json.loads(data)
+        sha = content.pop("sha256")
+        assert data == (json.dumps({**content, "sha256": sha}, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        canonical = json.dumps(content, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+        assert sha == hashlib.sha256(canonical.encode("utf-8")).hexdigest() == tok.sha256, name
+        assert list(content["special_tokens"]) == list(tok.special_tokens), name  # file order kept
+
+
 def test_load_refuses_corruption(tmp_path, gpt2_pair):
     import json
 

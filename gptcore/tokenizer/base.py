@@ -94,6 +94,25 @@ def _content_sha(content: dict) -> str:
     return sha256_bytes(canonical.encode("utf-8"))
 
 
+def _dump_with_sha(content: dict, bulk: str) -> tuple[str, bytes]:
+    """(`_content_sha(content)`, `_dump({**content, "sha256": it})`) with `content[bulk]`, a list of numbers
+    or of number pairs (a vocabulary's merges: most of the file), JSON-encoded once for both texts.
+
+    Both are compact JSON objects, so each is "{" + the `"key":value` items joined by "," + "}": the
+    canonical text has the keys sorted (and nested objects sorted), the file keeps their order.
+    """
+    def value(d: dict, k: str, sort: bool) -> str:
+        return encoded if k == bulk else json.dumps(d[k], ensure_ascii=False, sort_keys=sort, separators=(",", ":"))
+
+    def text(d: dict, keys, sort: bool) -> str:
+        return "{" + ",".join(json.dumps(k, ensure_ascii=False) + ":" + value(d, k, sort) for k in keys) + "}"
+
+    encoded = json.dumps(content[bulk], separators=(",", ":"))
+    sha = sha256_bytes(text(content, sorted(content), True).encode("utf-8"))
+    full = {**content, "sha256": sha}
+    return sha, (text(full, full, False) + "\n").encode("utf-8")
+
+
 def _read_tokenizer_json(directory: str | Path, expected_format: str | None) -> tuple[Path, dict]:
     """Read and verify `directory/tokenizer.json`: JSON, format, version, sha256."""
     directory = Path(directory)

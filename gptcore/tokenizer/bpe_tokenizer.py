@@ -35,7 +35,7 @@ from gptcore.fileio import atomic_write_bytes
 from gptcore.tokenizer import formats
 from gptcore.tokenizer.train import count_chunks_parallel, train_merges
 from gptcore.tokenizer.base import (ENDOFTEXT, FORMAT_BPE, FORMAT_SP, VERSION, SpecialTokensMixin,  # noqa: F401
-                                    _content_sha, _dump, _fix_surrogates, _read_tokenizer_json)
+                                    _content_sha, _dump, _dump_with_sha, _fix_surrogates, _read_tokenizer_json)
 
 # The split patterns of tiktoken (equivalent to OpenAI's originals, with possessive quantifiers).
 PATTERNS = {
@@ -288,12 +288,11 @@ class BPETokenizer(SpecialTokensMixin):
 
     def save(self, directory: str | Path) -> Path:
         """Write `directory/tokenizer.json` atomically; returns its path."""
-        content = self._content()
-        if self._sha is None:  # hash the content built here, not a second copy of it
-            self._sha = _content_sha(content)
-        content["sha256"] = self._sha
+        sha, data = _dump_with_sha(self._content(), "merges")  # the 50k merges JSON-encoded once, not twice
+        if self._sha is None:
+            self._sha = sha
         path = Path(directory) / "tokenizer.json"
-        atomic_write_bytes(path, _dump(content))
+        atomic_write_bytes(path, data)
         return path
 
     @classmethod
@@ -318,7 +317,7 @@ class BPETokenizer(SpecialTokensMixin):
         except ImportError:
             raise GptcoreError("tiktoken is not installed", "to_tiktoken", "pip install tiktoken") from None
         return tiktoken.Encoding(name or f"gptcore-{self.sha256[:12]}", pat_str=self.pattern,
-                                 mergeable_ranks=dict(self._ranks), special_tokens=dict(self.special_tokens))
+                                 mergeable_ranks=self._ranks, special_tokens=dict(self.special_tokens))  # read, never changed
 
     def fast_encoder(self):
         """`to_tiktoken()` where it is known to give our ids, else None (then use `encode_ordinary`).
