@@ -1,6 +1,6 @@
 """Sharding throughput and batch loading: ours vs llm.c's recipe, side by side, same corpus.
 
-    .venv/bin/python benchmarks/data.py [--mb 8] [--procs 2] [--rounds 2] [--whole-rounds 3] [--big-mb 200]
+    .venv/bin/python benchmarks/data.py [--mb 8] [--procs 2] [--rounds 2] [--whole-rounds 5] [--big-mb 200]
 
 Corpus: the builtin python-stdlib source capped at --mb MB, held in memory so only tokenizing and
 writing are timed. Tokenizer: our BPETokenizer with OpenAI's GPT-2 vocabulary (`gpt2_tokenizer()`),
@@ -18,8 +18,8 @@ a fresh copy per run so no run starts with a warm chunk cache.
   * whole process, as a user runs it: `gptcore prepare` (OpenAI's GPT-2 vocabulary, --procs workers:
     tiktoken threads on the fast path) vs llm.c's fineweb.py recipe as its own process
     (benchmarks/_llmc_fineweb.py: tiktoken, Pool(--procs), uint16 .bin), same documents, same ids;
-    wall time and peak RSS, best of --whole-rounds (3). Each process is started by
-    benchmarks/_launch.py, so its peak RSS is its own, not this script's (see there).
+    wall time and peak RSS, best of --whole-rounds (5), and the median of the rounds' ratios. Each
+    process is started by benchmarks/_launch.py, so its peak RSS is its own, not this script's.
   * where the seconds go (--phases 1): both processes again under benchmarks/_prepare_phases.py,
     which marks when each phase ends (imports, config, vocabulary, tiktoken Encoding, workers,
     encode loop, outputs, exit), summed by phase, side by side.
@@ -204,7 +204,7 @@ def whole_process(args, tmp: Path) -> None:
     cfg = tmp / "prepare.yaml"
     cfg.write_text(f"data: {{source: python-stdlib, max_bytes: {int(mb * 1e6)}, num_proc: {procs}}}\n"
                    "tokenizer: {path: gpt2}\n")
-    best = {"ours": (float("inf"), 0.0), "peer": (float("inf"), 0.0)}
+    best, walls = {"ours": (float("inf"), 0.0), "peer": (float("inf"), 0.0)}, {"ours": [], "peer": []}
     cmds = {"ours": lambda out: [sys.executable, "-m", "gptcore.cli", "prepare", str(cfg), "--out", str(out)],
             "peer": lambda out: [sys.executable, str(ROOT / "benchmarks/_llmc_fineweb.py"), str(out), str(int(mb * 1e6)), str(procs)]}
     for name, cmd in cmds.items():  # warm-up, untimed: bytecode compiled and cached, files in the page cache
@@ -215,6 +215,7 @@ def whole_process(args, tmp: Path) -> None:
             out = tmp / f"whole_{name}_{r}"
             wall, rss, _, _ = timed_process(cmd(out), tmp)
             best[name] = min(best[name], (wall, rss))
+            walls[name].append(wall)
     # same ids: our shards (train + val, in document order per split) hold exactly tiktoken's tokens
     ours = np.concatenate([np.fromfile(p, dtype="<u2", offset=1024) for p in sorted((tmp / "whole_ours_0").glob("*.bin"))])
     peer = np.concatenate([np.fromfile(p, dtype="<u2", offset=1024) for p in sorted((tmp / "whole_peer_0").glob("*.bin"))])
@@ -225,7 +226,9 @@ def whole_process(args, tmp: Path) -> None:
     print("| process | wall | MB/s | peak RSS |\n|---|---:|---:|---:|")
     print(f"| `gptcore prepare` (tiktoken fast path, {procs} threads) | {to:.2f} s | {mb / to:.2f} | {ro:.0f} MB |")
     print(f"| llm.c fineweb.py recipe (tiktoken, Pool({procs}), uint16 .bin) | {tp:.2f} s | {mb / tp:.2f} | {rp:.0f} MB |")
-    print(f"\nours ÷ llm.c recipe, whole process: **{tp / to:.2f}× the throughput**; "
+    paired = sorted(p / o for o, p in zip(walls["ours"], walls["peer"]))  # round by round: the load both saw
+    print(f"\nours ÷ llm.c recipe, whole process: **{tp / to:.2f}× the throughput** (best against best; "
+          f"median of the {len(paired)} rounds' ratios {paired[len(paired) // 2]:.2f}×, range {paired[0]:.2f}–{paired[-1]:.2f}×); "
           f"same multiset of {len(ours):,} token ids: {same}")
     summary("data", f"`gptcore prepare` vs llm.c fineweb.py, whole process, {mb:g} MB, {procs} workers", f"{tp / to:.2f}x throughput")
     if args.phases:
@@ -247,7 +250,7 @@ def whole_process(args, tmp: Path) -> None:
 
 def main() -> None:
     args = cli_args(__doc__, mb=8.0, procs=2, rounds=2, shard_tokens=1_000_000, big_mb=200.0, whole_only=0, phases=1,
-                    whole_rounds=3)
+                    whole_rounds=5)
     if args.whole_only:
         tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
         whole_process(args, tmp)
