@@ -197,6 +197,10 @@ def print_phases(args, tmp: Path, cfg: Path) -> None:
     print(f"| **whole process** | **{wo:.3f} s** | **{wp:.3f} s** | {wo - wp:+.3f} s ({wp / wo:.2f}× the throughput) |")
     for name, rows in (("`gptcore prepare`", ro), ("llm.c recipe", rp)):
         print(f"\n{name}, in order: " + "; ".join(f"{label} {sec:.3f} s" for label, sec in rows))
+    diff = {cat: by["ours"].get(cat, 0.0) - by["peer"].get(cat, 0.0) for cat in PHASE_ORDER}
+    top = sorted(diff, key=lambda c: -abs(diff[c]))[:4]
+    summary("data", f"`gptcore prepare` − llm.c recipe by phase ({', '.join(top)})",
+            " / ".join(f"{diff[c]:+.2f}" for c in top) + f" s (whole {wp / wo:.2f}x)")
 
 
 def whole_process(args, tmp: Path) -> None:
@@ -230,7 +234,8 @@ def whole_process(args, tmp: Path) -> None:
     print(f"\nours ÷ llm.c recipe, whole process: **{tp / to:.2f}× the throughput** (best against best; "
           f"median of the {len(paired)} rounds' ratios {paired[len(paired) // 2]:.2f}×, range {paired[0]:.2f}–{paired[-1]:.2f}×); "
           f"same multiset of {len(ours):,} token ids: {same}")
-    summary("data", f"`gptcore prepare` vs llm.c fineweb.py, whole process, {mb:g} MB, {procs} workers", f"{tp / to:.2f}x throughput")
+    summary("data", f"`gptcore prepare` vs llm.c fineweb.py, whole process, {mb:g} MB, {procs} workers",
+            f"{tp / to:.2f}x throughput (median of {len(paired)} paired rounds {paired[len(paired) // 2]:.2f}x)")
     if args.phases:
         print_phases(args, tmp, cfg)
     # streaming: the same pipeline at --big-mb, memory should not grow with the corpus
