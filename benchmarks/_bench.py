@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 RUNS = [
     ("tokenizer", ["--mb", "5"]),
     ("tokenizer_scale", ["--mb", "25,100", "--sp-max-mb", "25"]),
-    ("data", ["--rounds", "1", "--big-mb", "50"]),
+    ("data", ["--rounds", "1"]),  # whole process: best of 5 (--whole-rounds), streaming up to 200 MB
     ("model", ["--rounds", "3"]),
     ("train", ["--steps", "25", "--rounds", "3"]),
     ("finetune", []),

@@ -1,6 +1,6 @@
 """Sharding throughput and batch loading: ours vs llm.c's recipe, side by side, same corpus.
 
-    .venv/bin/python benchmarks/data.py [--mb 8] [--procs 2] [--rounds 2]
+    .venv/bin/python benchmarks/data.py [--mb 8] [--procs 2] [--rounds 2] [--whole-rounds 5] [--big-mb 200]
 
 Corpus: the builtin python-stdlib source capped at --mb MB, held in memory so only tokenizing and
 writing are timed. Tokenizer: our BPETokenizer with OpenAI's GPT-2 vocabulary (`gpt2_tokenizer()`),
@@ -18,8 +18,14 @@ a fresh copy per run so no run starts with a warm chunk cache.
   * whole process, as a user runs it: `gptcore prepare` (OpenAI's GPT-2 vocabulary, --procs workers:
     tiktoken threads on the fast path) vs llm.c's fineweb.py recipe as its own process
     (benchmarks/_llmc_fineweb.py: tiktoken, Pool(--procs), uint16 .bin), same documents, same ids;
-    wall time and peak RSS, then `gptcore prepare`'s streaming at --big-mb MB (the builtin corpus
-    repeated end to end) for flat memory. --whole-only skips the in-process tables above.
+    wall time and peak RSS, best of --whole-rounds (5), and the median of the rounds' ratios. Each
+    process is started by benchmarks/_launch.py, so its peak RSS is its own, not this script's.
+  * where the seconds go (--phases 1): both processes again under benchmarks/_prepare_phases.py,
+    which marks when each phase ends (imports, config, vocabulary, tiktoken Encoding, workers,
+    encode loop, outputs, exit), summed by phase, side by side.
+  * streaming: `prepare_shards` at --mb and at --big-mb MB (200; the builtin corpus repeated end to
+    end), wall time and peak RSS: memory is bounded by one shard, not by the corpus.
+    --whole-only skips the in-process tables above.
 
 Runs alternate ours/peer in rounds and report the best, so load from other processes hits both.
 Prints a markdown table.
@@ -27,6 +33,7 @@ Prints a markdown table.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import resource
@@ -125,19 +132,75 @@ print(m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"])
 """
 
 
-def timed_process(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS MB of the largest of the process and the workers it waited for, stdout)."""
-    env = cli_env(PYTHONPATH=str(ROOT), GPTCORE_PROGRESS="0")
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t = time.perf_counter()
-        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(p.pid, 0)  # this child's own rusage, not every child's so far
-        wall = time.perf_counter() - t
-        p.returncode = os.waitstatus_to_exitcode(status)
+def timed_process(cmd: list[str], cwd: Path) -> tuple[float, float, str, dict]:
+    """(wall seconds, peak RSS MB, stdout, the launcher's record) of `cmd`, started by benchmarks/_launch.py
+    (a fresh small process: a child forked from this one would report this one's memory as its own).
+
+    Bytecode is cached, as on a user's machine after the first run, in `cwd`/pycache: this machine's
+    environment sets PYTHONDONTWRITEBYTECODE=1, under which `gptcore prepare` would compile its ~40
+    modules from source on every run (50-90 ms) while the recipe is one script and two small modules.
+    """
+    env = cli_env(PYTHONPATH=str(ROOT), GPTCORE_PROGRESS="0", PYTHONPYCACHEPREFIX=str(cwd / "pycache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile(suffix=".json") as rec:
+        code = subprocess.call([sys.executable, str(ROOT / "benchmarks/_launch.py"), rec.name, *cmd],
+                               cwd=cwd, env=env, stdout=out, stderr=err)
         out.seek(0), err.seek(0)
-        if p.returncode:
+        if code:
             sys.exit(f"{' '.join(cmd)} failed:\n{err.read()[-2000:]}")
-        return wall, usage.ru_maxrss / 1024, out.read()
+        r = json.loads(Path(rec.name).read_text())
+        return r["wall_s"], r["peak_rss_mb"], out.read(), r
+
+
+PHASE_ORDER = ("interpreter start", "imports", "CLI and config", "documents", "vocabulary", "encoding", "workers",
+               "outputs", "encode loop", "exit")
+
+
+def phases_of(cmd: list[str], cwd: Path, marks: Path) -> tuple[float, list[tuple[str, float]]]:
+    """Run `cmd` under benchmarks/_prepare_phases.py; (wall, [(phase, seconds)]) from its marks."""
+    marks.unlink(missing_ok=True)
+    wall, _, _, rec = timed_process([sys.executable, str(ROOT / "benchmarks/_prepare_phases.py"), str(marks), *cmd], cwd)
+    rows, prev = [], rec["start_unix"]
+    for line in marks.read_text().splitlines():
+        t, label = line.split(" ", 1)
+        rows.append((label, float(t) - prev))
+        prev = float(t)
+    rows.append(("exit: interpreter teardown", rec["end_unix"] - prev))
+    return wall, rows
+
+
+def print_phases(args, tmp: Path, cfg: Path) -> None:
+    """Both processes phase by phase (best-of-rounds run of each, alternating), by category, side by side."""
+    mb, procs = args.mb, args.procs
+    cmds = {"ours": lambda out: ["ours", str(cfg), str(out)],
+            "peer": lambda out: ["peer", str(out), str(int(mb * 1e6)), str(procs)]}
+    best = {}
+    for r in range(args.whole_rounds):
+        for name, cmd in cmds.items():
+            wall, rows = phases_of(cmd(tmp / f"phases_{name}_{r}"), tmp, tmp / "marks.txt")
+            if name not in best or wall < best[name][0]:
+                best[name] = (wall, rows)
+            shutil.rmtree(tmp / f"phases_{name}_{r}", ignore_errors=True)
+    by = {name: {} for name in best}
+    for name, (_, rows) in best.items():
+        for label, sec in rows:
+            cat = label.split(":", 1)[0]
+            by[name][cat] = by[name].get(cat, 0.0) + sec
+    (wo, ro), (wp, rp) = best["ours"], best["peer"]
+    print(f"\n### where the seconds go: each process phase by phase, best of {args.whole_rounds} "
+          f"(load average {os.getloadavg()[0]:.1f})\n")
+    print("| phase | `gptcore prepare` | llm.c recipe | ours − recipe |\n|---|---:|---:|---:|")
+    for cat in PHASE_ORDER:
+        o, p = by["ours"].get(cat, 0.0), by["peer"].get(cat, 0.0)
+        print(f"| {cat} | {o:.3f} s | {p:.3f} s | {o - p:+.3f} s |")
+    print(f"| **whole process** | **{wo:.3f} s** | **{wp:.3f} s** | {wo - wp:+.3f} s ({wp / wo:.2f}× the throughput) |")
+    for name, rows in (("`gptcore prepare`", ro), ("llm.c recipe", rp)):
+        print(f"\n{name}, in order: " + "; ".join(f"{label} {sec:.3f} s" for label, sec in rows))
+    diff = {cat: by["ours"].get(cat, 0.0) - by["peer"].get(cat, 0.0) for cat in PHASE_ORDER}
+    top = sorted(diff, key=lambda c: -abs(diff[c]))[:4]
+    summary("data", f"`gptcore prepare` − llm.c recipe by phase ({', '.join(top)})",
+            " / ".join(f"{diff[c]:+.2f}" for c in top) + f" s (whole {wp / wo:.2f}x)")
 
 
 def whole_process(args, tmp: Path) -> None:
@@ -145,32 +208,41 @@ def whole_process(args, tmp: Path) -> None:
     cfg = tmp / "prepare.yaml"
     cfg.write_text(f"data: {{source: python-stdlib, max_bytes: {int(mb * 1e6)}, num_proc: {procs}}}\n"
                    "tokenizer: {path: gpt2}\n")
-    best = {"ours": (float("inf"), 0.0), "peer": (float("inf"), 0.0)}
+    best, walls = {"ours": (float("inf"), 0.0), "peer": (float("inf"), 0.0)}, {"ours": [], "peer": []}
     cmds = {"ours": lambda out: [sys.executable, "-m", "gptcore.cli", "prepare", str(cfg), "--out", str(out)],
             "peer": lambda out: [sys.executable, str(ROOT / "benchmarks/_llmc_fineweb.py"), str(out), str(int(mb * 1e6)), str(procs)]}
-    for r in range(args.rounds):
+    for name, cmd in cmds.items():  # warm-up, untimed: bytecode compiled and cached, files in the page cache
+        timed_process(cmd(tmp / f"warmup_{name}"), tmp)
+        shutil.rmtree(tmp / f"warmup_{name}", ignore_errors=True)
+    for r in range(args.whole_rounds):
         for name, cmd in cmds.items():
             out = tmp / f"whole_{name}_{r}"
-            wall, rss, _ = timed_process(cmd(out), tmp)
+            wall, rss, _, _ = timed_process(cmd(out), tmp)
             best[name] = min(best[name], (wall, rss))
+            walls[name].append(wall)
     # same ids: our shards (train + val, in document order per split) hold exactly tiktoken's tokens
     ours = np.concatenate([np.fromfile(p, dtype="<u2", offset=1024) for p in sorted((tmp / "whole_ours_0").glob("*.bin"))])
     peer = np.concatenate([np.fromfile(p, dtype="<u2", offset=1024) for p in sorted((tmp / "whole_peer_0").glob("*.bin"))])
     same = len(ours) == len(peer) and np.array_equal(np.sort(ours), np.sort(peer))
     (to, ro), (tp, rp) = best["ours"], best["peer"]
-    print(f"\n### whole process, {mb:g} MB of python-stdlib, GPT-2 vocabulary, {procs} workers, best of {args.rounds} "
+    print(f"\n### whole process, {mb:g} MB of python-stdlib, GPT-2 vocabulary, {procs} workers, best of {args.whole_rounds} "
           f"(load average {os.getloadavg()[0]:.1f})\n")
     print("| process | wall | MB/s | peak RSS |\n|---|---:|---:|---:|")
     print(f"| `gptcore prepare` (tiktoken fast path, {procs} threads) | {to:.2f} s | {mb / to:.2f} | {ro:.0f} MB |")
     print(f"| llm.c fineweb.py recipe (tiktoken, Pool({procs}), uint16 .bin) | {tp:.2f} s | {mb / tp:.2f} | {rp:.0f} MB |")
-    print(f"\nours ÷ llm.c recipe, whole process: **{tp / to:.2f}× the throughput**; "
+    paired = sorted(p / o for o, p in zip(walls["ours"], walls["peer"]))  # round by round: the load both saw
+    print(f"\nours ÷ llm.c recipe, whole process: **{tp / to:.2f}× the throughput** (best against best; "
+          f"median of the {len(paired)} rounds' ratios {paired[len(paired) // 2]:.2f}×, range {paired[0]:.2f}–{paired[-1]:.2f}×); "
           f"same multiset of {len(ours):,} token ids: {same}")
-    summary("data", f"`gptcore prepare` vs llm.c fineweb.py, whole process, {mb:g} MB, {procs} workers", f"{tp / to:.2f}x throughput")
+    summary("data", f"`gptcore prepare` vs llm.c fineweb.py, whole process, {mb:g} MB, {procs} workers",
+            f"{tp / to:.2f}x throughput (median of {len(paired)} paired rounds {paired[len(paired) // 2]:.2f}x)")
+    if args.phases:
+        print_phases(args, tmp, cfg)
     # streaming: the same pipeline at --big-mb, memory should not grow with the corpus
     rows = []
     for size in (mb, args.big_mb):
         out = tmp / f"big_{size:g}"
-        wall, rss, n = timed_process([sys.executable, "-c", _BIG, str(out), str(int(size * 1e6)), str(procs)], tmp)
+        wall, rss, n, _ = timed_process([sys.executable, "-c", _BIG, str(out), str(int(size * 1e6)), str(procs)], tmp)
         rows.append((size, wall, rss, int(n.strip())))
         shutil.rmtree(out, ignore_errors=True)
     print("\n| prepare_shards streaming (builtin corpus repeated) | wall | MB/s | tokens | peak RSS |\n|---|---:|---:|---:|---:|")
@@ -182,7 +254,8 @@ def whole_process(args, tmp: Path) -> None:
 
 
 def main() -> None:
-    args = cli_args(__doc__, mb=8.0, procs=2, rounds=2, shard_tokens=1_000_000, big_mb=200.0, whole_only=0)
+    args = cli_args(__doc__, mb=8.0, procs=2, rounds=2, shard_tokens=1_000_000, big_mb=200.0, whole_only=0, phases=1,
+                    whole_rounds=5)
     if args.whole_only:
         tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
         whole_process(args, tmp)

@@ -17,6 +17,7 @@ instead. After a signal, `gptcore run` ends within SHUTDOWN_SECONDS whatever its
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import shlex
 import signal
@@ -201,9 +202,19 @@ def _rank_zero() -> bool:
 
 
 def _load_config(path: Optional[Path], overrides: Optional[List[str]]):
-    from gptcore.config import load_config
+    # our config models need no pydantic plugin: skip the scan of every installed package's entry points
+    # (~10 ms of `gptcore prepare`), as typer does for its own parameters
+    previous = os.environ.get("PYDANTIC_DISABLE_PLUGINS")
+    os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
+    try:
+        from gptcore.config import load_config
 
-    return load_config(path, _overrides(overrides))
+        return load_config(path, _overrides(overrides))
+    finally:
+        if previous is None:
+            del os.environ["PYDANTIC_DISABLE_PLUGINS"]
+        else:
+            os.environ["PYDANTIC_DISABLE_PLUGINS"] = previous
 
 
 # === section: tokenizer (issue 3) ============================================================
@@ -406,10 +417,13 @@ def prepare_cmd(
     from gptcore.data.sharding import prepare
 
     cfg = _load_config(config, set_)
+    atexit.register(_skip_teardown)
+    gc.freeze()  # what is loaded by now lives until exit: no collection walks it again (~40 ms of GPT-2's vocabulary)
     m = prepare(cfg, out)
     for split, s in m["splits"].items():
         print(f"{split}: {s['documents']} documents, {s['bytes']:,} bytes, {s['tokens']:,} tokens, {len(s['shards'])} shard(s)")
     print(f"tokenizer {m['tokenizer_sha256'][:12]} (vocab {m['vocab_size']}) -> {out}")
+    _SKIP_TEARDOWN["on"] = True  # every output is renamed into place and fsynced: ~0.1 s of teardown saved
 
 # === section: pretrain, plan, evaluate (issue 6) =============================================
 
@@ -540,9 +554,10 @@ _SKIP_TEARDOWN = {"on": False}
 
 
 def _skip_teardown() -> None:
-    """After a successful `gptcore run`, once every atexit handler has run (Prefect's log and event
-    flushes, the temporary server's stop), leave without the interpreter's teardown of the thousands
-    of modules Prefect and MLflow loaded: ~3 s of a cached rerun on a busy 2-core machine."""
+    """After a successful `gptcore run` (or `prepare`), once every atexit handler has run (Prefect's log
+    and event flushes, the temporary server's stop), leave without the interpreter's teardown of the
+    thousands of modules Prefect and MLflow loaded: ~3 s of a cached rerun on a busy 2-core machine;
+    for `prepare`, its closing garbage collection over the vocabulary's objects, ~0.1 s of 1.2."""
     if _SKIP_TEARDOWN["on"]:
         import logging
 

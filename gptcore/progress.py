@@ -16,36 +16,29 @@ import os
 import sys
 from typing import Iterator
 
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
+def _columns(unit: str) -> list:
+    """rich's columns of a bar, with a rate in `unit`/s. rich is imported here, when a bar is shown:
+    ~40 ms a command that runs with progress off (GPTCORE_PROGRESS=0, CI) does not pay."""
+    from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.text import Text
 
-class _RateColumn(ProgressColumn):
-    def __init__(self, unit: str):
-        super().__init__()
-        self.unit = unit
+    class RateColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            if speed is None:
+                return Text(f"? {unit}/s")
+            for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+                if speed >= scale:
+                    return Text(f"{speed / scale:.2f} {prefix}{unit}/s")
+            return Text(f"{speed:.2f} {unit}/s")
 
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        if speed is None:
-            return Text(f"? {self.unit}/s")
-        for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-            if speed >= scale:
-                return Text(f"{speed / scale:.2f} {prefix}{self.unit}/s")
-        return Text(f"{speed:.2f} {self.unit}/s")
+    return [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
 
 
 class Bar:
-    def __init__(self, progress: Progress | None, task_id=None):
+    def __init__(self, progress=None, task_id=None):
         self._progress, self._task = progress, task_id
 
     def update(self, advance: float = 1, **fields) -> None:
@@ -72,16 +65,8 @@ def progress_bar(total: float | None, description: str, unit: str = "it", enable
     if not progress_enabled(enabled):
         yield Bar(None)
         return
-    columns = [
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _RateColumn(unit),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-    ]
-    with Progress(*columns, transient=False, console=None if sys.stderr.isatty() else None) as progress:
+    from rich.progress import Progress
+
+    with Progress(*_columns(unit), transient=False, console=None if sys.stderr.isatty() else None) as progress:
         task_id = progress.add_task(description, total=total, info="")
         yield Bar(progress, task_id)

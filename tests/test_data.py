@@ -25,6 +25,7 @@ from gptcore.data.sharding import (
     read_shard,
     split_of,
     write_shard,
+    write_shard_parts,
 )
 from gptcore.errors import DataError
 from gptcore.fileio import sha256_file
@@ -106,6 +107,23 @@ def test_shard_bytes_match_a_hand_written_llmc_header(tmp_path):
     write_shard(tmp_path / "b.bin", [70000, 1])  # ids above uint16: version 2, uint32 tokens
     expected = struct.pack("<256i", 20240520, 2, 2, *([0] * 253)) + struct.pack("<2I", 70000, 1)
     assert (tmp_path / "b.bin").read_bytes() == expected
+
+
+def test_shard_written_in_parts_is_the_llmc_file_and_its_sha256(tmp_path):
+    # the writer's path: a shard's tokens as several arrays (slices of documents), never joined in memory
+    doc = np.array([50256, 31373, 995, 65535], dtype=np.uint16)
+    sha = write_shard_parts(tmp_path / "a.bin", [doc[1:], doc, np.array([7], dtype=np.int64)], np.uint16)
+    expected = struct.pack("<256i", 20240520, 1, 8, *([0] * 253)) + struct.pack("<8H", 31373, 995, 65535, 50256, 31373,
+                                                                                   995, 65535, 7)
+    assert (tmp_path / "a.bin").read_bytes() == expected
+    assert sha == hashlib.sha256(expected).hexdigest()  # hashed as written = the file's own sha256
+
+    sha = write_shard_parts(tmp_path / "b.bin", [np.array([70000], dtype=np.uint32), np.array([1, 2])], np.uint32)
+    expected = struct.pack("<256i", 20240520, 2, 3, *([0] * 253)) + struct.pack("<3I", 70000, 1, 2)
+    assert (tmp_path / "b.bin").read_bytes() == expected and sha == hashlib.sha256(expected).hexdigest()
+    with pytest.raises(ValueError):
+        write_shard_parts(tmp_path / "c.bin", [np.array([], dtype=np.uint16)], np.uint16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]
 
 
 def test_shard_round_trip_is_a_memmap(tmp_path):

@@ -3,6 +3,8 @@ tiktoken export. The references are OpenAI's own definitions (tiktoken_ext.opena
 real rank files from disk, never our own output."""
 
 import pickle
+import subprocess
+import sys
 
 import pytest
 import tiktoken
@@ -160,6 +162,32 @@ def test_gpt2_tokenizer_helper(gpt2_pair):
     assert tok.encode("Hello world, <3") == ref.encode("Hello world, <3")
 
 
+def test_gpt2_files_whose_merges_do_not_make_the_vocabulary_are_refused(tmp_path, gpt2_files):
+    encoder_json, vocab_bpe = gpt2_files
+    lines = vocab_bpe.read_text(encoding="utf-8").split("\n")  # "#version", then merge 0 = "Ġ t", merge 1 = "Ġ a"
+    cases = {"swapped": [lines[0], lines[2], lines[1], *lines[3:]],  # merge 0 would make token 257, not 256
+             "unknown part": [lines[0], "Ġ \u4e00\u4e00", *lines[2:]]}
+    for name, text in cases.items():
+        bad = tmp_path / f"{name}.bpe"
+        bad.write_text("\n".join(text), encoding="utf-8")
+        with pytest.raises(CheckpointError, match="does not create token 256") as err:
+            BPETokenizer.from_gpt2_files(encoder_json, bad)
+        assert str(bad) in str(err.value), name
+
+
+def test_the_tiktoken_fast_path_imports_neither_regex_nor_rich(tmp_path):
+    # GPT-2's vocabulary, sharded through tiktoken with the progress bar off: our split regex and the
+    # bar's library are never needed, so a `gptcore prepare` process does not pay their imports
+    code = ("import sys\n"
+            "from gptcore.data.sharding import prepare_shards\n"
+            "from gptcore.tokenizer import gpt2_tokenizer\n"
+            f"m = prepare_shards(iter(['hello world'] * 4), gpt2_tokenizer(), {str(tmp_path)!r}, num_proc=2, progress=False)\n"
+            "print(m['splits']['train']['tokens'] + m['splits']['val']['tokens'], sorted({'regex', 'rich'} & set(sys.modules)))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split(" ", 1) == ["12", "[]\n"]  # 4 x [eot, "hello", " world"]
+
+
 def test_save_load_roundtrip_and_sha(tmp_path, gpt2_pair):
     ours, ref = gpt2_pair
     path = ours.save(tmp_path / "tok")
@@ -170,6 +198,23 @@ def test_save_load_roundtrip_and_sha(tmp_path, gpt2_pair):
     assert back.encode(text) == again.encode(text) == ref.encode(text)
     assert back.sha256 == ours.sha256 == again.sha256
     assert list(tmp_path.joinpath("tok").iterdir()) == [path]  # no temp leftovers
+
+
+def test_tokenizer_json_is_the_stdlib_json_of_its_content(tmp_path, gpt2_pair):
+    # the file and its sha256 are written with the merges encoded once; both must be exactly what
+    # json.dumps gives: the file in key order, the hash over the sorted canonical text without "sha256"
+    import hashlib
+    import json
+
+    small = BPETokenizer.from_merges([(104, 105), (256, 33)], "gpt2", {"<|é|>": 258, "<|zz|>": 259})  # unsorted
+    for name, tok in (("gpt2", gpt2_pair[0]), ("small", small)):
+        data = tok.save(tmp_path / name).read_bytes()
+        content = json.loads(data)
+        sha = content.pop("sha256")
+        assert data == (json.dumps({**content, "sha256": sha}, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        canonical = json.dumps(content, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+        assert sha == hashlib.sha256(canonical.encode("utf-8")).hexdigest() == tok.sha256, name
+        assert list(content["special_tokens"]) == list(tok.special_tokens), name  # file order kept
 
 
 def test_load_refuses_corruption(tmp_path, gpt2_pair):

@@ -40,7 +40,7 @@ from gptcore.fileio import atomic_write_json, remove_stale_temps, sha256_file
 from gptcore.progress import progress_bar
 from gptcore.reads import Reads, view_hash
 from gptcore.tokenizer.base import _fix_surrogates
-from gptcore.data.shards import read_shard, read_shard_header, token_dtype, write_shard  # noqa: F401  (re-exported)
+from gptcore.data.shards import read_shard, read_shard_header, token_dtype, write_shard, write_shard_parts  # noqa: F401  (re-exported)
 from gptcore.data.sources import (  # noqa: F401  (re-exported)
     cap_bytes,
     download,
@@ -240,8 +240,8 @@ class _SplitWriter:
             end = (doc, start + k)
         self.buffered -= n
         path = self.out_dir / f"{self.name}_{len(self.shards):06d}.bin"
-        write_shard(path, np.concatenate(parts), dtype=self.dtype)
-        self.shards.append({"file": path.name, "tokens": n, "sha256": sha256_file(path), "end": list(end)})
+        sha = write_shard_parts(path, parts, self.dtype)  # no joined copy; hashed as written
+        self.shards.append({"file": path.name, "tokens": n, "sha256": sha, "end": list(end)})
         self.cursor = end
 
     def finish(self) -> None:

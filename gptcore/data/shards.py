@@ -17,6 +17,7 @@ So a shard of n tokens is exactly 1024 + 2n (or 4n) bytes; anything else is dama
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -64,10 +65,29 @@ def write_shard(path: str | Path, tokens, dtype=None) -> Path:
     arr = _as_tokens(tokens, dtype)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"a shard needs a non-empty 1-D token array, got shape {arr.shape} for {path}")
-    with atomic_file(path) as f:
-        f.write(shard_header(arr.size, arr.dtype))
-        f.write(arr.tobytes())
+    write_shard_parts(path, [arr], arr.dtype)
     return path
+
+
+def write_shard_parts(path: str | Path, parts, dtype) -> str:
+    """Write the 1-D arrays `parts`, end to end, as one shard of `dtype` ids, atomically; return its sha256.
+
+    Each part goes to the file (and the hash) as it is: no joined copy of the shard in memory, and the
+    sha256 is taken while writing instead of reading the file back.
+    """
+    dtype = np.dtype(dtype).newbyteorder("<")
+    parts = [np.ascontiguousarray(p, dtype=dtype) for p in parts]
+    n = sum(p.size for p in parts)
+    if n == 0 or any(p.ndim != 1 for p in parts):
+        raise ValueError(f"a shard needs non-empty 1-D token arrays, got shapes {[p.shape for p in parts]} for {path}")
+    header = shard_header(n, dtype)
+    digest = hashlib.sha256(header)
+    with atomic_file(path) as f:
+        f.write(header)
+        for p in parts:
+            f.write(p.data)
+            digest.update(p.data)
+    return digest.hexdigest()
 
 
 def _damaged(path: Path, what: str) -> DataError:

@@ -8,10 +8,9 @@ hash of the canonical JSON of everything else. Reading verifies all three and na
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Sequence
-
-import regex
 
 from gptcore.errors import CheckpointError
 from gptcore.fileio import sha256_bytes
@@ -55,10 +54,10 @@ class SpecialTokensMixin:
         present = [s for s in allowed if s in text]
         if not present:
             return [text]
-        alt = "|".join(regex.escape(s) for s in sorted(present, key=len, reverse=True))
+        alt = "|".join(re.escape(s) for s in sorted(present, key=len, reverse=True))
         out: list[str | int] = []
         pos = 0
-        for m in regex.finditer(alt, text):
+        for m in re.finditer(alt, text):  # literal alternatives: the stdlib re, as tiktoken
             if m.start() > pos:
                 out.append(text[pos:m.start()])
             out.append(specials[m.group()])
@@ -93,6 +92,25 @@ def _dump(content: dict) -> bytes:
 def _content_sha(content: dict) -> str:
     canonical = json.dumps(content, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
     return sha256_bytes(canonical.encode("utf-8"))
+
+
+def _dump_with_sha(content: dict, bulk: str) -> tuple[str, bytes]:
+    """(`_content_sha(content)`, `_dump({**content, "sha256": it})`) with `content[bulk]`, a list of numbers
+    or of number pairs (a vocabulary's merges: most of the file), JSON-encoded once for both texts.
+
+    Both are compact JSON objects, so each is "{" + the `"key":value` items joined by "," + "}": the
+    canonical text has the keys sorted (and nested objects sorted), the file keeps their order.
+    """
+    def value(d: dict, k: str, sort: bool) -> str:
+        return encoded if k == bulk else json.dumps(d[k], ensure_ascii=False, sort_keys=sort, separators=(",", ":"))
+
+    def text(d: dict, keys, sort: bool) -> str:
+        return "{" + ",".join(json.dumps(k, ensure_ascii=False) + ":" + value(d, k, sort) for k in keys) + "}"
+
+    encoded = json.dumps(content[bulk], separators=(",", ":"))
+    sha = sha256_bytes(text(content, sorted(content), True).encode("utf-8"))
+    full = {**content, "sha256": sha}
+    return sha, (text(full, full, False) + "\n").encode("utf-8")
 
 
 def _read_tokenizer_json(directory: str | Path, expected_format: str | None) -> tuple[Path, dict]:

@@ -26,17 +26,16 @@ library (BPE with byte fallback); docs/01-tokenizer.md says how it differs.
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 from typing import Iterable, Sequence
-
-import regex
 
 from gptcore.errors import CheckpointError, ConfigError, DataError, GptcoreError
 from gptcore.fileio import atomic_write_bytes
 from gptcore.tokenizer import formats
 from gptcore.tokenizer.train import count_chunks_parallel, train_merges
 from gptcore.tokenizer.base import (ENDOFTEXT, FORMAT_BPE, FORMAT_SP, VERSION, SpecialTokensMixin,  # noqa: F401
-                                    _content_sha, _dump, _fix_surrogates, _read_tokenizer_json)
+                                    _content_sha, _dump, _dump_with_sha, _fix_surrogates, _read_tokenizer_json)
 
 # The split patterns of tiktoken (equivalent to OpenAI's originals, with possessive quantifiers).
 PATTERNS = {
@@ -50,6 +49,10 @@ _INF = 1 << 62
 def resolve_pattern(pattern: str) -> str:
     """"gpt2" / "gpt4" -> the regex; any other string must itself be a valid regex."""
     pat = PATTERNS.get(pattern, pattern)
+    if pat in PATTERNS.values():
+        return pat
+    import regex  # here, not at import: the tiktoken fast path never needs it (~13 ms)
+
     try:
         regex.compile(pat)
     except regex.error as exc:
@@ -101,7 +104,6 @@ class BPETokenizer(SpecialTokensMixin):
         self._setup()
 
     def _setup(self) -> None:
-        self._split = regex.compile(self.pattern)
         self._decoder = {i: b for b, i in self._ranks.items()}  # id -> bytes
         clash = [s for s, i in self.special_tokens.items() if i in self._decoder]
         if clash:
@@ -181,6 +183,13 @@ class BPETokenizer(SpecialTokensMixin):
         return cls(ranks, pattern, special_tokens)
 
     # ---- encoding -----------------------------------------------------------------------------
+    @functools.cached_property
+    def _split(self):
+        """The split regex, compiled on first use (the tiktoken fast path never needs `regex`)."""
+        import regex
+
+        return regex.compile(self.pattern)
+
     def _encode_chunk(self, chunk: str) -> tuple[int, ...]:
         b = chunk.encode("utf-8")
         r = self._ranks.get(b)
@@ -266,7 +275,7 @@ class BPETokenizer(SpecialTokensMixin):
             "version": VERSION,
             "pattern": self.pattern,
             "byte_order": self.byte_order,
-            "merges": [list(m) for m in self.merges],
+            "merges": self.merges,  # (left, right) tuples: JSON arrays, as lists would be
             "special_tokens": self.special_tokens,
         }
 
@@ -279,10 +288,11 @@ class BPETokenizer(SpecialTokensMixin):
 
     def save(self, directory: str | Path) -> Path:
         """Write `directory/tokenizer.json` atomically; returns its path."""
-        content = self._content()
-        content["sha256"] = self.sha256
+        sha, data = _dump_with_sha(self._content(), "merges")  # the 50k merges JSON-encoded once, not twice
+        if self._sha is None:
+            self._sha = sha
         path = Path(directory) / "tokenizer.json"
-        atomic_write_bytes(path, _dump(content))
+        atomic_write_bytes(path, data)
         return path
 
     @classmethod
@@ -307,7 +317,7 @@ class BPETokenizer(SpecialTokensMixin):
         except ImportError:
             raise GptcoreError("tiktoken is not installed", "to_tiktoken", "pip install tiktoken") from None
         return tiktoken.Encoding(name or f"gptcore-{self.sha256[:12]}", pat_str=self.pattern,
-                                 mergeable_ranks=dict(self._ranks), special_tokens=dict(self.special_tokens))
+                                 mergeable_ranks=self._ranks, special_tokens=dict(self.special_tokens))  # read, never changed
 
     def fast_encoder(self):
         """`to_tiktoken()` where it is known to give our ids, else None (then use `encode_ordinary`).

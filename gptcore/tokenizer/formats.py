@@ -37,25 +37,22 @@ def unicode_to_bytes() -> dict[str, int]:
     return {c: b for b, c in bytes_to_unicode().items()}
 
 def read_gpt2_files(encoder_json: str | Path, vocab_bpe: str | Path) -> tuple[list[tuple[int, int]], dict[str, int], list[int]]:
-    """(merges, special tokens, byte order) from GPT-2's files (or HF's `vocab.json` + `merges.txt`)."""
-    byte_of = unicode_to_bytes()
+    """(merges, special tokens, byte order) from GPT-2's files (or HF's `vocab.json` + `merges.txt`).
+
+    The merges are checked in the files' own printable form: `bytes_to_unicode` is one character per
+    byte, so "Ġ" + "t" is token "Ġt" exactly when b" " + b"t" is b" t" (no bytes built per merge).
+    """
     try:
         encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
         lines = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot read GPT-2 vocabulary: {exc}", f"{encoder_json}, {vocab_bpe}",
                               "pass the encoder.json and vocab.bpe of a GPT-2 model") from None
-
-    latin1 = {ord(c): b for c, b in byte_of.items()}  # str.translate + latin-1: one C call per token
-
-    def to_bytes(s: str) -> bytes:
-        return s.translate(latin1).encode("latin-1")
-
     special = {s: i for s, i in encoder.items() if s == ENDOFTEXT}
-    ids = {to_bytes(s): i for s, i in encoder.items() if s not in special}
+    ids = {s: i for s, i in encoder.items() if s not in special}  # printable form -> id
     order = [0] * 256
-    for b in range(256):
-        i = ids.get(bytes([b]))
+    for b, c in bytes_to_unicode().items():
+        i = ids.get(c)
         if i is None or i >= 256:
             raise CheckpointError(f"byte {b} is not one of tokens 0..255", str(encoder_json))
         order[i] = b
@@ -64,9 +61,8 @@ def read_gpt2_files(encoder_json: str | Path, vocab_bpe: str | Path) -> tuple[li
         if not line.strip() or line.startswith("#version"):
             continue
         x, y = line.split(" ")
-        bx, by = to_bytes(x), to_bytes(y)
-        a, b = ids[bx], ids[by]
-        if ids.get(bx + by) != 256 + len(merges):
+        a, b = ids.get(x), ids.get(y)
+        if a is None or b is None or ids.get(x + y) != 256 + len(merges):
             raise CheckpointError(f"merge {line!r} does not create token {256 + len(merges)}", str(vocab_bpe))
         merges.append((a, b))
     return merges, special, order
