@@ -89,12 +89,13 @@ def _count_pieces(pieces: Counter, findall, counts: Counter) -> None:
     for piece, k in pieces.items():
         by_count.setdefault(k, []).append(piece)
     for k, group in by_count.items():
-        chunks = findall("\n".join(group) + "\n")
-        if k == 1:
-            counts.update(chunks)
-        else:
-            for chunk, n in Counter(chunks).items():
-                counts[chunk] += n * k
+        for i in range(0, len(group), 1024):  # ~50 kB of text at a time: the chunk lists stay small
+            chunks = findall("\n".join(group[i:i + 1024]) + "\n")
+            if k == 1:
+                counts.update(chunks)
+            else:
+                for chunk, n in Counter(chunks).items():
+                    counts[chunk] += n * k
 
 
 def count_chunks_parallel(texts: Iterable[str], pattern: str, specials: Iterable[str] = (), num_proc: int | None = None,
