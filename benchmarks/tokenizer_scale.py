@@ -164,7 +164,8 @@ def main() -> None:
             phases = (f"count {r['count_s']:.1f} s (CPU: reader {r['parent_cpu']:.1f} s, workers {r['workers_cpu']:.1f} s), "
                       f"merges {r['merges_s']:.1f} s (index {r['index_s']:.1f} s)") if name == "ours" else ""
             distinct = f"{r['distinct']:,}" if name == "ours" else ""
-            print(f"| {text} | {label[name]} | {r['wall']:.1f} s | {r['wall'] / h['wall']:.2f}x | {rss} | {distinct} | "
+            ratio = f"{r['wall'] / h['wall']:.2f}x" if h["wall"] == h["wall"] else ""  # blank without HF
+            print(f"| {text} | {label[name]} | {r['wall']:.1f} s | {ratio} | {rss} | {distinct} | "
                   f"{phases} | {r['load']:.1f} |")
     big, small = max(sizes), min(sizes)
     print()

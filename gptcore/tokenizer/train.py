@@ -251,7 +251,8 @@ def _apply_merge(words, wcount, counts, where, heap, pair, z) -> None:
         while j >= 0:
             if j and new[j - 1] != z:
                 p = new[j - 1]
-                counts[p + a] -= c
+                k = p + a  # get(): a pair dropped as a duplicate may still sit in words
+                counts[k] = get(k, 0) - c
                 k = p + z
                 counts[k] = get(k, 0) + c
                 touched.add(k)
@@ -259,10 +260,12 @@ def _apply_merge(words, wcount, counts, where, heap, pair, z) -> None:
             if j + 1 < n:
                 q = new[j + 1]
                 if q == z:
-                    counts[b + a] -= c
+                    k = b + a
+                    counts[k] = get(k, 0) - c
                     k = z + z
                 else:
-                    counts[b + q] -= c
+                    k = b + q
+                    counts[k] = get(k, 0) - c
                     k = z + q
                 counts[k] = get(k, 0) + c
                 touched.add(k)
