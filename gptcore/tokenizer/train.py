@@ -238,7 +238,7 @@ def _apply_merge(words, wcount, counts, where, heap, pair, z) -> None:
       right neighbour q = new[j+1]: (b, q) -> (z, q); when q is z (the word held "abab"): (b, a) -> (z, z).
     """
     a, b = pair
-    touched: set[str] = set()  # new pairs (all contain z): pushed once, with their final count
+    made: dict[str, list[int]] = {}  # the new pairs (all contain z, so none existed before) -> their words
     get = counts.get
     for wi in where.pop(pair, ()):
         w = words[wi]
@@ -255,8 +255,7 @@ def _apply_merge(words, wcount, counts, where, heap, pair, z) -> None:
                 counts[k] = get(k, 0) - c
                 k = p + z
                 counts[k] = get(k, 0) + c
-                touched.add(k)
-                _add_where(where, k, wi)
+                _add_where(made, k, wi)
             if j + 1 < n:
                 q = new[j + 1]
                 if q == z:
@@ -268,11 +267,11 @@ def _apply_merge(words, wcount, counts, where, heap, pair, z) -> None:
                     counts[k] = get(k, 0) - c
                     k = z + q
                 counts[k] = get(k, 0) + c
-                touched.add(k)
-                _add_where(where, k, wi)
+                _add_where(made, k, wi)
             j = new.find(z, j + 1)
     counts.pop(pair, None)
-    for k in touched:
+    where.update(made)
+    for k in made:  # pushed once each, with the final count
         c = counts[k]
         if c > 0:
             heapq.heappush(heap, (-c, k))
