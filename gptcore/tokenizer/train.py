@@ -192,14 +192,7 @@ def train_merges(
 
     # pair -> total count; pair -> ids of the words it occurs in (a superset, checked on use: a
     # word id is appended at most once in a row, so a word rarely appears twice and a repeat is a no-op)
-    counts: dict[str, int] = {}
-    where: dict[str, list[int]] = {}
-    get = counts.get
-    for wi, w in enumerate(words):
-        c = wcount[wi]
-        for k in map(str.__add__, w, w[1:]):
-            counts[k] = get(k, 0) + c
-            _add_where(where, k, wi)
+    counts, where = _pair_index(words, wcount)
     heap = [(-c, k) for k, c in counts.items()]
     heapq.heapify(heap)
 
@@ -227,6 +220,38 @@ def train_merges(
         if progress is not None:
             progress(1)
     return merges
+
+
+def _pair_index(words: list[str], wcount: list[int]) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """The pair counts and `where` lists of byte words, in numpy: the same as
+
+        for wi, w in enumerate(words):
+            for k in map(str.__add__, w, w[1:]):
+                counts[k] = counts.get(k, 0) + wcount[wi]
+                _add_where(where, k, wi)
+
+    (every word id once per pair, in increasing order) at C speed: 2 M pairs at 100 MB of text.
+    """
+    import numpy as np
+
+    if not words:
+        return {}, {}
+    ids = np.frombuffer("".join(words).encode("latin-1"), np.uint8).astype(np.int64)
+    lens = np.fromiter(map(len, words), np.int64, len(words))
+    wid = np.repeat(np.arange(len(words)), lens)  # the word of each position
+    inside = wid[:-1] == wid[1:]  # adjacent positions of one word
+    key, kw = (ids[:-1] << 8 | ids[1:])[inside], wid[:-1][inside]  # pair = left byte << 8 | right byte
+    total = np.bincount(key, weights=np.asarray(wcount, np.float64)[kw], minlength=1 << 16)  # exact below 2**53
+    order = np.argsort(key, kind="stable")  # by pair, word ids still increasing
+    key, kw = key[order], kw[order]
+    first = np.r_[True, (key[1:] != key[:-1]) | (kw[1:] != kw[:-1])]  # each (pair, word) once
+    key, kw = key[first], kw[first]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    pairs = key[starts].tolist()
+    names = [chr(k >> 8) + chr(k & 255) for k in pairs]
+    counts = dict(zip(names, total[pairs].astype(np.int64).tolist()))
+    where = {k: v.tolist() for k, v in zip(names, np.split(kw, starts[1:]))}
+    return counts, where
 
 
 def _apply_merge(words, wcount, counts, where, heap, pair, z) -> None:
