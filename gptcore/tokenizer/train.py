@@ -236,21 +236,23 @@ def _pair_index(words: list[str], wcount: list[int]) -> tuple[dict[str, int], di
 
     if not words:
         return {}, {}
-    ids = np.frombuffer("".join(words).encode("latin-1"), np.uint8).astype(np.int64)
-    lens = np.fromiter(map(len, words), np.int64, len(words))
-    wid = np.repeat(np.arange(len(words)), lens)  # the word of each position
-    inside = wid[:-1] == wid[1:]  # adjacent positions of one word
+    ids = np.frombuffer("".join(words).encode("latin-1"), np.uint8).astype(np.int32)
+    wid = np.repeat(np.arange(len(words), dtype=np.int32), np.fromiter(map(len, words), np.int64, len(words)))
+    inside = wid[:-1] == wid[1:]  # adjacent positions of one word (wid: the word of each position)
     key, kw = (ids[:-1] << 8 | ids[1:])[inside], wid[:-1][inside]  # pair = left byte << 8 | right byte
+    del ids, wid, inside  # int32 and freed early: the index is the trainer's peak of memory
     total = np.bincount(key, weights=np.asarray(wcount, np.float64)[kw], minlength=1 << 16)  # exact below 2**53
     order = np.argsort(key, kind="stable")  # by pair, word ids still increasing
     key, kw = key[order], kw[order]
     first = np.r_[True, (key[1:] != key[:-1]) | (kw[1:] != kw[:-1])]  # each (pair, word) once
     key, kw = key[first], kw[first]
+    del order, first
     starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
     pairs = key[starts].tolist()
     names = [chr(k >> 8) + chr(k & 255) for k in pairs]
     counts = dict(zip(names, total[pairs].astype(np.int64).tolist()))
-    where = {k: v.tolist() for k, v in zip(names, np.split(kw, starts[1:]))}
+    ints = list(range(len(words)))  # one int object per word id, shared by every list (2 M ints otherwise)
+    where = {k: list(map(ints.__getitem__, v.tolist())) for k, v in zip(names, np.split(kw, starts[1:]))}
     return counts, where
 
 
