@@ -260,3 +260,13 @@ def test_line_cut_counts_repeated_lines_once_on_real_source():
 
     assert count_chunks(texts, Counting()) == Counter(c for t in texts for c in split.findall(t))
     assert sum(seen) < 0.6 * sum(map(len, texts))
+
+
+def test_train_merges_token_ids_past_the_surrogates_and_65535():
+    """Words hold token ids as characters: ids 0xD800-0xDFFF (lone surrogates) and above 65535 must
+    work like any other. Every 2-byte word once, counts falling with (first byte, second byte), so
+    the merges are the byte pairs in that order; then the 4-byte word's two halves, ids > 65535."""
+    hist = {bytes([i, j]): 1_000_000 - (i * 256 + j) for i in range(256) for j in range(256)}
+    hist[b"\xfe\xff\xff\xfe"] = 1  # adds a tie to (fe, ff) and (ff, fe): each still comes right after its peer
+    want = [(i, j) for i in range(256) for j in range(256)] + [(256 + 0xFEFF, 256 + 0xFFFE)]
+    assert train_merges(hist, 70_000) == want
