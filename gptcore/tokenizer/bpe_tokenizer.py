@@ -33,15 +33,11 @@ from typing import Iterable, Sequence
 from gptcore.errors import CheckpointError, ConfigError, DataError, GptcoreError
 from gptcore.fileio import atomic_write_bytes
 from gptcore.tokenizer import formats
+from gptcore.tokenizer.patterns import PATTERNS
 from gptcore.tokenizer.train import count_chunks_parallel, train_merges
 from gptcore.tokenizer.base import (ENDOFTEXT, FORMAT_BPE, FORMAT_SP, VERSION, SpecialTokensMixin,  # noqa: F401
                                     _content_sha, _dump, _dump_with_sha, _fix_surrogates, _read_tokenizer_json)
 
-# The split patterns of tiktoken (equivalent to OpenAI's originals, with possessive quantifiers).
-PATTERNS = {
-    "gpt2": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
-    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
-}
 _CACHE_LIMIT = 1 << 20  # chunk -> ids cache entries kept per tokenizer (cleared when full)
 _INF = 1 << 62
 

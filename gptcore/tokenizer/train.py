@@ -1,6 +1,6 @@
-"""Training a byte-level BPE vocabulary fast, in plain Python.
+"""Training a byte-level BPE vocabulary fast, in Python (numpy only builds the first pair index).
 
-The readable algorithm (minbpe, and `naive_train` in tests/test_tokenizer_train.py) is:
+The readable algorithm (minbpe, and `train_reference` in tokenizer/reference.py) is:
 
     repeat vocab_size - 256 times:
         count every adjacent pair of tokens in the corpus       # O(corpus) per merge
@@ -10,16 +10,21 @@ This module computes exactly the same merges, but
 
 1. splits the text into pre-token chunks once (the regex) and counts each distinct chunk:
    "    return" occurring 40 000 times is one word with count 40 000. Memory grows with the
-   number of distinct chunks, not with the corpus, so `texts` can be a stream;
+   number of distinct chunks, not with the corpus, so `texts` can be a stream. Where the pattern
+   has a safe line cut (tokenizer/patterns.py `LINE_CUTS`), each batch first counts its lines and
+   splits each distinct line once (on Python source, findall then sees ~60% of the text);
 2. keeps the pair counts between merges and updates them only for the words the merged pair
    occurs in (`where[pair]` = ids of those words), only around each merged position;
 3. picks the best pair from a heap with lazy deletion: counts of existing pairs only ever go
    down (a merge creates new pairs, all containing the new token), so a popped entry whose
    count is stale is pushed back with its current count, and the first fresh entry is the max.
 
-Pairs are ints `a << 20 | b` (token ids < 2**20), words are lists of ints; the heap holds single
-ints `pair - (count << 40)`, so the smallest key is the highest count and, among equal counts,
-the smallest pair `(a, b)`.
+A word is a `str` whose characters are its token ids (`chr(id)`; the bytes decode as latin-1 to
+chars 0..255), so merging a pair everywhere in a word is `str.replace` (left to right, without
+overlaps, like the reference's `merge`) and finding it is `in` / `str.find`, all in C; a pair is
+the 2-character string of its two tokens. The heap holds `(-count, pair)`: the smallest entry is
+the highest count and, among equal counts, the smallest pair, because strings compare by code
+point, i.e. by (left id, right id).
 
 Tie-break (deterministic, and the naive reference uses the same rule): the highest count wins;
 among equal counts the pair with the smallest (left id, right id). A pair whose concatenated bytes
@@ -35,22 +40,27 @@ import os
 from collections import Counter, deque
 from typing import Iterable, Iterator
 
-_SHIFT = 20  # pair key = a << 20 | b
-_MASK = (1 << _SHIFT) - 1
-_CSHIFT = 40  # heap key = pair - (count << 40)
-_PMASK = (1 << _CSHIFT) - 1
+from gptcore.tokenizer.patterns import LINE_CUTS
 
 
-def count_chunks(texts: Iterable[str], split, specials: Iterable[str] = (), progress=None) -> Counter:
+def count_chunks(texts: Iterable[str], split, specials: Iterable[str] = (), progress=None, cut=None) -> Counter:
     """Count the regex chunks of a stream of texts: {chunk string: occurrences}.
 
     `split` is a compiled pattern; special-token texts are cut out first so they are never learned.
-    `progress(n)` is called with each text's length in characters.
+    `cut` (default: `LINE_CUTS` of the pattern, if any) is a compiled regex of safe cuts: the pieces
+    between them are counted as a histogram first, and each distinct piece is split once, with its
+    count, so a line repeated 40 times is matched once. `progress(n)` is called with each text's
+    length in characters.
 
         >>> count_chunks(["ab ab"], regex.compile(r" ?\\w+"))
         Counter({'ab': 1, ' ab': 1})
     """
+    import regex
+
+    if cut is None and split.pattern in LINE_CUTS:
+        cut = regex.compile(LINE_CUTS[split.pattern])
     counts: Counter = Counter()
+    pieces: Counter = Counter()  # line pieces (without their cut "\n") -> occurrences
     specials = [s for s in specials if s]
     findall = split.findall
     for text in texts:
@@ -59,10 +69,33 @@ def count_chunks(texts: Iterable[str], split, specials: Iterable[str] = (), prog
             if s in text:
                 parts = [q for p in parts for q in p.split(s)]
         for part in parts:
-            counts.update(findall(part))
+            cuts = cut.split(part) if cut is not None else ()
+            if len(cuts) < 2:
+                counts.update(findall(part))
+                continue
+            counts.update(findall(cuts[0] + "\n"))  # the first piece may start anywhere: alone
+            pieces.update(cuts[1:-1])
+            counts.update(findall(cuts[-1]))  # the last has no "\n" of its own
         if progress is not None:
             progress(len(text))
+    _count_pieces(pieces, findall, counts)
     return counts
+
+
+def _count_pieces(pieces: Counter, findall, counts: Counter) -> None:
+    """Add the chunks of every piece, times its count. Pieces of equal count are joined (each with its
+    "\n" back: every cut is safe, so the joined text's chunks are theirs) and split in one call."""
+    by_count: dict[int, list[str]] = {}
+    for piece, k in pieces.items():
+        by_count.setdefault(k, []).append(piece)
+    for k, group in by_count.items():
+        for i in range(0, len(group), 1024):  # ~50 kB of text at a time: the chunk lists stay small
+            chunks = findall("\n".join(group[i:i + 1024]) + "\n")
+            if k == 1:
+                counts.update(chunks)
+            else:
+                for chunk, n in Counter(chunks).items():
+                    counts[chunk] += n * k
 
 
 def count_chunks_parallel(texts: Iterable[str], pattern: str, specials: Iterable[str] = (), num_proc: int | None = None,
@@ -148,105 +181,127 @@ def train_merges(
         >>> train_merges({"aaab": 2, "ab": 1}, 2)
         [(97, 97), (97, 98)]
     """
-    # distinct chunks -> words (lists of byte ids) and their counts
-    words: list[list[int]] = []
+    # distinct chunks -> words (strings of token chars) and their counts
+    words: list[str] = []
     wcount: list[int] = []
     for chunk, c in chunk_counts.items():
         b = chunk.encode("utf-8") if isinstance(chunk, str) else chunk
         if len(b) >= 2:
-            words.append(list(b))
+            words.append(b.decode("latin-1"))  # byte i -> chr(i)
             wcount.append(c)
 
-    # pair -> total count; pair -> ids of the words it occurs in (a superset, checked on use: a list,
-    # a word id appended once per run of additions, so a word rarely appears twice and a repeat is a no-op)
-    counts: dict[int, int] = {}
-    where: dict[int, list] = {}
-    for wi, w in enumerate(words):
-        c = wcount[wi]
-        for x, y in zip(w, w[1:]):
-            k = x << _SHIFT | y
-            counts[k] = counts.get(k, 0) + c
-            _add_where(where, k, wi)
-    heap = [k - (c << _CSHIFT) for k, c in counts.items()]
+    # pair -> total count; pair -> ids of the words it occurs in (a superset, checked on use: a
+    # word id is appended at most once in a row, so a word rarely appears twice and a repeat is a no-op)
+    counts, where = _pair_index(words, wcount)
+    heap = [(-c, k) for k, c in counts.items()]
     heapq.heapify(heap)
 
     token_bytes = [bytes([i]) for i in range(256)]
     known = set(token_bytes)
     merges: list[tuple[int, int]] = []
     while len(merges) < num_merges and heap:
-        key = heapq.heappop(heap)
-        pair = key & _PMASK
-        c = -(key >> _CSHIFT)
+        c, pair = heapq.heappop(heap)
         now = counts.get(pair, 0)
         if now <= 0:
             continue
-        if now != c:  # stale: push back with the current count
-            heapq.heappush(heap, pair - (now << _CSHIFT))
+        if now != -c:  # stale: push back with the current count
+            heapq.heappush(heap, (-now, pair))
             continue
-        a, b = pair >> _SHIFT, pair & _MASK
+        a, b = ord(pair[0]), ord(pair[1])
         new_bytes = token_bytes[a] + token_bytes[b]
         if new_bytes in known:  # would duplicate a token: never merge this pair
             del counts[pair]
             continue
-        z = len(token_bytes)
+        z = chr(len(token_bytes))
         token_bytes.append(new_bytes)
         known.add(new_bytes)
         merges.append((a, b))
-        _apply_merge(words, wcount, counts, where, heap, a, b, z)
+        _apply_merge(words, wcount, counts, where, heap, pair, z)
         if progress is not None:
             progress(1)
     return merges
 
 
-def _apply_merge(words, wcount, counts, where, heap, a, b, z) -> None:
-    """Replace (a, b) by z in every word that holds it; update the counts around each merge site."""
-    pair = a << _SHIFT | b
-    touched: set[int] = set()  # new pairs (all contain z): pushed once, with their final count
+def _pair_index(words: list[str], wcount: list[int]) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """The pair counts and `where` lists of byte words, in numpy: the same as
+
+        for wi, w in enumerate(words):
+            for k in map(str.__add__, w, w[1:]):
+                counts[k] = counts.get(k, 0) + wcount[wi]
+                _add_where(where, k, wi)
+
+    (every word id once per pair, in increasing order) at C speed: 2 M pairs at 100 MB of text.
+    """
+    import numpy as np
+
+    if not words:
+        return {}, {}
+    ids = np.frombuffer("".join(words).encode("latin-1"), np.uint8).astype(np.int32)
+    wid = np.repeat(np.arange(len(words), dtype=np.int32), np.fromiter(map(len, words), np.int64, len(words)))
+    inside = wid[:-1] == wid[1:]  # adjacent positions of one word (wid: the word of each position)
+    key, kw = (ids[:-1] << 8 | ids[1:])[inside], wid[:-1][inside]  # pair = left byte << 8 | right byte
+    del ids, wid, inside  # int32 and freed early: the index is the trainer's peak of memory
+    total = np.bincount(key, weights=np.asarray(wcount, np.float64)[kw], minlength=1 << 16)  # exact below 2**53
+    order = np.argsort(key, kind="stable")  # by pair, word ids still increasing
+    key, kw = key[order], kw[order]
+    first = np.r_[True, (key[1:] != key[:-1]) | (kw[1:] != kw[:-1])]  # each (pair, word) once
+    key, kw = key[first], kw[first]
+    del order, first
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    pairs = key[starts].tolist()
+    names = [chr(k >> 8) + chr(k & 255) for k in pairs]
+    counts = dict(zip(names, total[pairs].astype(np.int64).tolist()))
+    ints = list(range(len(words)))  # one int object per word id, shared by every list (2 M ints otherwise)
+    where = {k: list(map(ints.__getitem__, v.tolist())) for k, v in zip(names, np.split(kw, starts[1:]))}
+    return counts, where
+
+
+def _apply_merge(words, wcount, counts, where, heap, pair, z) -> None:
+    """Replace `pair` by the token `z` in every word that holds it; update the counts around each new z.
+
+    `str.replace` merges left to right without overlaps, exactly like the reference's `merge`
+    ("aaa" -> z + "a"). Around each z at j in the new word, with a, b = pair:
+      left neighbour p = new[j-1]:  (p, a) -> (p, z); when p is z itself, the previous z's right side did it;
+      right neighbour q = new[j+1]: (b, q) -> (z, q); when q is z (the word held "abab"): (b, a) -> (z, z).
+    """
+    a, b = pair
+    made: dict[str, list[int]] = {}  # the new pairs (all contain z, so none existed before) -> their words
     get = counts.get
     for wi in where.pop(pair, ()):
         w = words[wi]
-        if a not in w:  # a stale entry: the word lost the pair to an earlier merge
+        if pair not in w:  # a stale entry: the word lost the pair to an earlier merge
             continue
-        n = len(w)
         c = wcount[wi]
-        i = w.index(a)  # list.index and slices skip the stretches without `a` at C speed
-        out: list[int] = w[:i]
-        while True:  # here w[i] == a
-            if i + 1 < n and w[i + 1] == b:
-                if out:  # left neighbour: (p, a) -> (p, z); p may be a z made just before
-                    p = out[-1]
-                    k = p << _SHIFT | a
+        new = words[wi] = w.replace(pair, z)
+        n = len(new)
+        j = new.find(z)
+        while j >= 0:
+            if j and new[j - 1] != z:
+                p = new[j - 1]
+                k = p + a  # get(): a pair dropped as a duplicate may still sit in words
+                counts[k] = get(k, 0) - c
+                k = p + z
+                counts[k] = get(k, 0) + c
+                _add_where(made, k, wi)
+            if j + 1 < n:
+                q = new[j + 1]
+                if q == z:
+                    k = b + a
                     counts[k] = get(k, 0) - c
-                    k = p << _SHIFT | z
-                    counts[k] = get(k, 0) + c
-                    touched.add(k)
-                    _add_where(where, k, wi)
-                if i + 2 < n:  # right neighbour: (b, q) -> (z, q)
-                    q = w[i + 2]
-                    k = b << _SHIFT | q
+                    k = z + z
+                else:
+                    k = b + q
                     counts[k] = get(k, 0) - c
-                    k = z << _SHIFT | q
-                    counts[k] = get(k, 0) + c
-                    touched.add(k)
-                    _add_where(where, k, wi)
-                out.append(z)
-                i += 2
-            else:
-                out.append(a)
-                i += 1
-            if a not in w[i:]:
-                out += w[i:]
-                break
-            j = w.index(a, i)
-            out += w[i:j]
-            i = j
-        if len(out) != n:
-            words[wi] = out
+                    k = z + q
+                counts[k] = get(k, 0) + c
+                _add_where(made, k, wi)
+            j = new.find(z, j + 1)
     counts.pop(pair, None)
-    for k in touched:
-        c = counts.get(k, 0)
+    where.update(made)
+    for k in made:  # pushed once each, with the final count
+        c = counts[k]
         if c > 0:
-            heapq.heappush(heap, k - (c << _CSHIFT))
+            heapq.heappush(heap, (-c, k))
 
 
 def _add_where(where, k, wi) -> None:
