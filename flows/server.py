@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
+from flows import timeline
+
 DEFAULT_LOCAL = "http://127.0.0.1:4200/api"
 
 
@@ -132,9 +134,9 @@ class TemporaryServer:
         app_dir = Path(next(iter(importlib.util.find_spec("prefect").submodule_search_locations))).parent
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
         env.pop("PREFECT_API_URL", None)
-        self.proc = subprocess.Popen(  # Prefect's own command line (SubprocessASGIServer._run_uvicorn_command)
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
-             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+        self.proc = subprocess.Popen(  # Prefect's own command line (SubprocessASGIServer._run_uvicorn_command),
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",  # its app wrapped (server_app.py)
+             "flows.server_app:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"], env=env,
             start_new_session=True, preexec_fn=_die_with_parent())
         atexit.register(self.stop)
@@ -185,12 +187,16 @@ def prefect_api() -> Iterator[callable]:
             os.environ.pop("PREFECT_API_URL", None)
         return
     server = TemporaryServer()
+    timeline.mark("server: launched")
     os.environ["PREFECT_API_URL"] = server.api_url
     timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"))
     try:
         yield lambda: server.wait(timeout)
     finally:
+        timeline.mark("server: drain logs and events")
         if server.proc.poll() is None:
             drain_prefect()
+        timeline.mark("server: stop")
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
+        timeline.mark("server: stopped")
