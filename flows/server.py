@@ -12,8 +12,8 @@ and our imports run one after the other. `prefect_api()` instead:
   3. else start the same temporary server Prefect would (the same uvicorn command and environment:
      ephemeral, no UI, no background services) before anything heavy is imported, point
      PREFECT_API_URL at it, and stop it on the way out. Its app is Prefect's, wrapped by
-     flows/server_app.py so that a "database busy, retry" answer says to retry in 50 ms (Prefect's
-     client would wait 2 s).
+     flows/server_app.py, which resends a request Prefect answered "database busy" within
+     50-750 ms itself (Prefect's client would wait 2 s first).
 
 Prefect's caching lives in the result storage (tasks/caching.py), not in the server's database, so
 every one of these servers gives the same cache hits. This module imports nothing heavy.
