@@ -130,7 +130,7 @@ def print_timeline(wall: float, marks: list[tuple[float, str]]) -> None:
     ml = [label.split() for _, label in marks if label.startswith("mlflow ") and label.split()[-1][0].isdigit()]
     busy = sum(1 for a in api if a[-1] == "503")
     print(f"\nPrefect API requests: {len(api)}, {sum(float(a[3]) for a in api):.2f} s waiting for answers"
-          f" ({busy} answered 503 busy, retried)")
+          f" ({busy} answered 503 to the client: Prefect's server's \"database busy\", which flows/server_app.py resends itself first)")
     by_call: dict[str, list[float]] = {}
     for m in ml:
         by_call.setdefault(m[1], []).append(float(m[2]))
@@ -184,6 +184,9 @@ def main() -> None:
     print("| **whole `gptcore run`, wall** | " + " | ".join(f"**{med(walls[n]):.2f} s**" for n in cols) + " |")
     print("| whole `gptcore run`, a Prefect server already running (PREFECT_API_URL) | "
           + " | ".join(f"{med(running[n]):.2f} s" for n in cols) + " |")
+    for label, values in (("whole, wall", walls), ("server already running", running)):
+        print(f"\n{label}, every round: " + "; ".join(
+            f"{n} {', '.join(f'{v:.2f}' for v in values[n])} (mean {statistics.mean(values[n]):.2f} s)" for n in cols))
     from _cli import summary
 
     summary("pipeline", f"cached rerun of `gptcore run {config.name}`, whole process", f"{med(walls['ours']):.2f} s")
