@@ -14,6 +14,7 @@ from __future__ import annotations
 import tasks  # noqa: F401  (offline defaults before prefect/mlflow)
 from prefect import flow
 
+from flows import timeline
 from flows.runner import PipelineRun, check_until, quiet_prefect, run_stage
 from gptcore.config import load_config
 from gptcore.errors import environment_errors
@@ -29,6 +30,7 @@ def pipeline(config_path: str = "configs/tiny.yaml", overrides: list[str] | None
     `base`: a model folder to fine-tune instead of pre-training one (e.g. imported GPT-2 XL);
     then only finetune and register run.
     """
+    timeline.mark("flow: pipeline body")
     cfg = load_config(config_path, overrides or [])
     with environment_errors(), PipelineRun(cfg, check_until(until), refresh, config_path, parent_run_id) as run:
         if base:
@@ -45,6 +47,7 @@ def pipeline(config_path: str = "configs/tiny.yaml", overrides: list[str] | None
             "gptcore-pretrained": (model, "val_bpb"),        # gate: validation bits per byte
             "gptcore-finetuned": (tuned, "val_loss_after"),  # gate: fine-tuning validation loss
         })
+    timeline.mark("flow: pipeline body done")
     return run.report()
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import tasks  # noqa: F401  (offline defaults first)
 from prefect.runtime import flow_run
 
+from flows import timeline
 from gptcore.config import Config
 from gptcore.errors import GptcoreError, environment_error, environment_errors
 from tasks import owners, tracking
@@ -63,6 +64,7 @@ def run_stage(ctx: dict, name: str, **inputs: Any) -> dict:
 
 
 def _run_stage(ctx: dict, name: str, **inputs: Any) -> dict:
+    timeline.mark(f"stage {name}: start")
     stage = STAGES[name]
     cfg: Config = ctx["config"]
     upstream = tuple(v["sha256"] for v in inputs.values() if isinstance(v, dict) and "sha256" in v)
@@ -76,6 +78,7 @@ def _run_stage(ctx: dict, name: str, **inputs: Any) -> dict:
         run_id = tracking.start_run(c, ctx["experiment_id"], name, parent=ctx["parent_run_id"],
                                     tags={"prefect.flow_run_id": _flow_run_id(), "gptcore.stage": name,
                                           "gptcore.cache_key": key, "gptcore.lineage": lineage})
+    timeline.mark(f"stage {name}: key and MLflow run")
     kwargs = dict(config=cfg, track={"uri": ctx["uri"], "run_id": run_id} if run_id else None, **inputs)
     if stage.cached:
         kwargs.update(key=key, store=ctx["store"])
@@ -101,6 +104,7 @@ def _run_stage(ctx: dict, name: str, **inputs: Any) -> dict:
             tracking.end_run(c, run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
         raise
     seconds = time.perf_counter() - t0
+    timeline.mark(f"stage {name}: task {'cached' if cached else 'computed'}")
     if c is not None:
         nums = _numbers(result)
         # one write: metrics (at the stage's last step, so a final val_loss joins the per-step series) and tags
@@ -116,6 +120,7 @@ def _run_stage(ctx: dict, name: str, **inputs: Any) -> dict:
     row = {"stage": name, "status": "cached" if cached else "computed", "seconds": round(seconds, 2),
            "metric": stage.summary(result), "run_id": run_id}
     print(f"[gptcore] {name}: {row['status']} in {seconds:.1f}s — {row['metric']}", file=sys.stderr, flush=True)
+    timeline.mark(f"stage {name}: end")
     return {**result, "_row": row}
 
 
@@ -150,6 +155,7 @@ class PipelineRun:
                 "gptcore.until": self.until, "gptcore.refresh": str(self.ctx["refresh"]).lower()})
             tracking.log_params(self.c, run_id, self.cfg.flat())
             self.ctx.update(experiment_id=exp, parent_run_id=run_id)
+        timeline.mark("flow: pipeline run open in MLflow")
         return self
 
     def stage(self, name: str, **inputs: Any) -> dict:

@@ -11,7 +11,9 @@ and our imports run one after the other. `prefect_api()` instead:
      http://127.0.0.1:4200/api): reuse it — runs then also show in its UI;
   3. else start the same temporary server Prefect would (the same uvicorn command and environment:
      ephemeral, no UI, no background services) before anything heavy is imported, point
-     PREFECT_API_URL at it, and stop it on the way out.
+     PREFECT_API_URL at it, and stop it on the way out. Its app is Prefect's, wrapped by
+     flows/server_app.py, which resends a request Prefect answered "database busy" within
+     50-750 ms itself (Prefect's client would wait 2 s first).
 
 Prefect's caching lives in the result storage (tasks/caching.py), not in the server's database, so
 every one of these servers gives the same cache hits. This module imports nothing heavy.
@@ -42,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlsplit
+
+from flows import timeline
 
 DEFAULT_LOCAL = "http://127.0.0.1:4200/api"
 
@@ -132,9 +136,9 @@ class TemporaryServer:
         app_dir = Path(next(iter(importlib.util.find_spec("prefect").submodule_search_locations))).parent
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
         env.pop("PREFECT_API_URL", None)
-        self.proc = subprocess.Popen(  # Prefect's own command line (SubprocessASGIServer._run_uvicorn_command)
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
-             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+        self.proc = subprocess.Popen(  # Prefect's own command line (SubprocessASGIServer._run_uvicorn_command),
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",  # its app wrapped (server_app.py)
+             "flows.server_app:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"], env=env,
             start_new_session=True, preexec_fn=_die_with_parent())
         atexit.register(self.stop)
@@ -185,12 +189,16 @@ def prefect_api() -> Iterator[callable]:
             os.environ.pop("PREFECT_API_URL", None)
         return
     server = TemporaryServer()
+    timeline.mark("server: launched")
     os.environ["PREFECT_API_URL"] = server.api_url
     timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"))
     try:
         yield lambda: server.wait(timeout)
     finally:
+        timeline.mark("server: drain logs and events")
         if server.proc.poll() is None:
             drain_prefect()
+        timeline.mark("server: stop")
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
+        timeline.mark("server: stopped")

@@ -521,9 +521,11 @@ def run_cmd(
 ) -> None:
     """Run the pipeline as Prefect flows tracked in MLflow: download -> tokenizer -> shards -> pretrain
     -> evaluate -> finetune -> register. Stages whose inputs did not change are cache hits."""
+    from flows import timeline
     from flows.preflight import check_environment
     from gptcore.config import check_config, load_config
 
+    timeline.mark("cli: run (python, typer, gptcore.cli imported)")
     overrides = _overrides(overrides)
     cfg = load_config(config, overrides)
     check_config(cfg)  # a bad config is one error line, before Prefect starts
@@ -537,16 +539,24 @@ def run_cmd(
     check_environment(cfg, base)  # the whole config and the tracking store: one error line, before Prefect starts
     from flows.server import prefect_api
 
+    timeline.mark("cli: preflight done")
     with prefect_api() as server_ready:  # a running Prefect server, or a temporary one starting meanwhile
         from flows.pipeline import open_tracking, run_pipeline
         from flows.runner import check_until, format_report
 
+        timeline.mark("imports: flows.pipeline (prefect, mlflow)")
+        timeline.instrument()
         until = check_until(until)  # before anything is written
         open_tracking(str(config), overrides or [])
+        timeline.mark("mlflow: store open")
         server_ready()
+        timeline.mark("server: healthy")
         report = run_pipeline(str(config), overrides or [], until, refresh, quiet=not _DEBUG["on"],
                               base=str(base) if base else None)
+        timeline.mark("flow: returned")
     print(format_report(report))
+    timeline.mark("cli: report printed, server stopped")
+    atexit.register(timeline.mark, "atexit: first handler")
     _SKIP_TEARDOWN["on"] = True
 
 
@@ -561,6 +571,9 @@ def _skip_teardown() -> None:
     if _SKIP_TEARDOWN["on"]:
         import logging
 
+        from flows import timeline
+
+        timeline.mark("atexit: last handler, os._exit(0)")
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

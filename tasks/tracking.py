@@ -265,7 +265,8 @@ def register_version(c: MlflowClient, name: str, model_id: str, run_id: str, sha
     for mv in c.search_model_versions(f"name='{name}'"):
         if mv.tags.get("model_sha256") == sha256:
             for k, v in like_tags.items():
-                c.set_model_version_tag(name, mv.version, k, v)
+                if mv.tags.get(k) != v:  # a cached rerun finds them set: no write
+                    c.set_model_version_tag(name, mv.version, k, v)
             return str(mv.version), False
     # the logged model's own artifact location as source: a "models:/<id>" source would be resolved
     # by the store through the *global* tracking URI (MLflow 3.17), not this client's; the sqlite

@@ -349,6 +349,24 @@ def test_the_gate_compares_only_versions_measured_alike(mlflow_client):
     assert promoted and why.startswith("promoted: val_loss_after 2.0000 < champion v1's 3.0000"), why
 
 
+def test_the_same_weights_registered_again_keep_one_version_with_current_tags(mlflow_client):
+    """A cached rerun registers the same weights: no new version; what they were measured on is
+    rewritten only where it changed (read back through MLflow's own registry)."""
+    from tasks import tracking
+
+    c = mlflow_client
+    exp = tracking.experiment_id(c, "gate")
+    run_id = tracking.start_run(c, exp, "register")
+    model_id = c.create_logged_model(exp, source_run_id=run_id).model_id
+    first = {"dataset": "d1", "eval": "e"}
+    assert tracking.register_version(c, "pt", model_id, run_id, "w", "val_bpb", 2.0, like=first) == ("1", True)
+    for like in (first, {"dataset": "d2", "eval": "e"}):
+        assert tracking.register_version(c, "pt", model_id, run_id, "w", "val_bpb", 2.0, like=like) == ("1", False)
+        tags = c.get_model_version("pt", "1").tags
+        assert {k: tags[tracking.LIKE + k] for k in like} == like
+    assert len(c.search_model_versions("name='pt'")) == 1
+
+
 def test_what_a_finetune_was_measured_on_follows_dataset_content_and_tokenizer(tmp_path):
     """`measured_on`: a JSONL by content (not path), a built-in by name, the model folder's tokenizer."""
     from gptcore.config import load_config
