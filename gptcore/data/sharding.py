@@ -25,7 +25,6 @@ import hashlib
 import itertools
 import json
 import multiprocessing as mp
-import os
 import signal
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
