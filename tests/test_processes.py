@@ -19,25 +19,28 @@ from gptcore.processes import stop
 
 GRACE = 2  # s: room for a loaded machine to run the child's SIGTERM handler before the SIGKILL
 
+# Children share one pipe (a tree's leader and its child): each line is one os.write, atomic on a
+# pipe, so two children's lines never interleave (print writes the text and its newline apart
+# when stdout is unbuffered, as under PYTHONUNBUFFERED).
 IGNORES_SIGTERM = """
-import signal, sys, time
-signal.signal(signal.SIGTERM, lambda *a: print("got SIGTERM", flush=True))
-print("ready", flush=True)
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *a: os.write(1, b"got SIGTERM\\n"))
+os.write(1, b"ready\\n")
 while True:
     time.sleep(0.05)
 """
 EXITS_ON_SIGTERM = """
-import sys, time
-print("ready", flush=True)
+import os, sys, time
+os.write(1, b"ready\\n")
 while True:
     time.sleep(0.05)
 """
 LEADS_A_TREE = """
-import signal, subprocess, sys
+import os, signal, subprocess, sys
 if sys.argv[2] == "ignore":
-    signal.signal(signal.SIGTERM, lambda *a: print("leader got SIGTERM", flush=True))
+    signal.signal(signal.SIGTERM, lambda *a: os.write(1, b"leader got SIGTERM\\n"))
 child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], start_new_session=True)  # as torchrun starts a rank
-print(child.pid, flush=True)
+os.write(1, b"%d\\n" % child.pid)
 child.wait()
 """
 
